@@ -1,0 +1,1 @@
+"""CPython side of devices: the Raspberry Pi evaluator and the serial bridge."""

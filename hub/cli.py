@@ -1,0 +1,51 @@
+"""The `pingjia` command line: one group per component, thin over the libraries."""
+import sys
+
+import click
+
+from hub import PingjiaError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pingjia")
+def cli():
+    """Pingjia: counter rating devices and the hall hub (好差评评价器)."""
+
+
+@cli.group()
+def hub():
+    """The hall hub: broker, ingest, forwarding, status."""
+
+
+@cli.group()
+def device():
+    """Provision and inspect counter evaluators."""
+
+
+def _register():
+    # Each component owns its group; importing here keeps `pingjia --help` one place.
+    from simulator.cli import sim, province
+    from agent.cli import agent
+
+    cli.add_command(sim)
+    cli.add_command(province)
+    cli.add_command(agent)
+
+
+_register()
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except PingjiaError as exc:
+        click.echo("error: %s" % exc, err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,1 @@
+"""The simulator: real firmware under the MicroPython unix port, citizens, faults, province."""
