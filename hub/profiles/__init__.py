@@ -1,0 +1,1 @@
+"""Jurisdiction profiles as data: one JSON file per province mapping (see docs/province.md)."""
