@@ -10,3 +10,12 @@ def sim():
 @click.group()
 def province():
     """The reference provincial 好差评 receiver."""
+
+
+def _register_province():
+    from simulator.province_cli import register
+
+    register(province)
+
+
+_register_province()

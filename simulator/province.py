@@ -1,0 +1,713 @@
+"""The reference provincial 好差评 receiver: verifies signed, chained batches and stores records.
+
+It plays the province in tests and simulations: an aiohttp app (make_app) over its own SQLite
+store (ProvinceStore). It checks each batch's Ed25519 signature against trusted hub keys, the
+per-hub hash chain, each record's fields, and dedupes records by voteId across batches. A fault
+switch (only when enabled) makes it fail the ways a real provincial system does. verify_store
+re-checks the stored audit trail. docs/province.md is the specification.
+"""
+import asyncio
+import datetime
+import glob
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+
+from aiohttp import web
+
+from hub import PingjiaError
+from hub import batch as batchlib
+
+# A batch of a few thousand records is a few MB; anything far larger is not a batch.
+MAX_BODY = 64 * 1024 * 1024
+RECORDS_LIMIT_DEFAULT = 1000
+RECORDS_LIMIT_MAX = 10000
+FAULT_MODES = ("ok", "error", "timeout", "slow", "drop")
+# How long a "timeout" fault holds a request when no delay_ms is given: longer than any
+# sensible client timeout (the hub's default is 10 s).
+TIMEOUT_HOLD_MS = 30000
+SLOW_DELAY_MS = 2000
+
+COUNTERS = ("duplicates", "rejected", "resent_batches", "chain_errors", "bad_signatures",
+            "bad_requests", "altered", "faulted")
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_VOTE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}:[0-9]{1,10}$")
+_ASSESS_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    hub TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    sig TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    profile TEXT,
+    body TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    UNIQUE (hub, n)
+);
+CREATE TABLE IF NOT EXISTS records (
+    vote_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    rated INTEGER NOT NULL,
+    satisfaction INTEGER,
+    fields TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_received ON records (received_at_ms);
+CREATE TABLE IF NOT EXISTS hubs (
+    hub TEXT PRIMARY KEY,
+    last_n INTEGER NOT NULL,
+    last_hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trusted_keys (
+    key_id TEXT PRIMARY KEY,
+    pem TEXT NOT NULL,
+    added_at_ms INTEGER NOT NULL
+);
+"""
+
+
+class ProvinceError(PingjiaError):
+    """The receiver cannot start or its store cannot be read."""
+
+
+def _wall_ms():
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- trusted hub keys
+
+class TrustedKeys:
+    """Hub public keys by key_id: files given at start, plus every *.pem in trust folders.
+
+    A batch signed by a key not yet known makes the folders be read again, so a hub set up
+    after the receiver started is trusted once its public key lands in a trust folder.
+    """
+
+    def __init__(self, keys=(), dirs=()):
+        self._keys = {}
+        self._pems = {}
+        self.dirs = list(dirs)
+        for key in keys:
+            self.add(key)
+        self.rescan()
+
+    @classmethod
+    def from_files(cls, paths=(), dirs=()):
+        trusted = cls(dirs=())
+        for path in paths:
+            trusted.add_file(path)
+        for folder in dirs:
+            if not os.path.isdir(folder):
+                raise ProvinceError("%s: trust folder does not exist" % folder)
+        trusted.dirs = list(dirs)
+        trusted.rescan()
+        return trusted
+
+    def add(self, public_key):
+        kid = batchlib.key_id(public_key)
+        self._keys[kid] = public_key
+        self._pems[kid] = batchlib.public_pem(public_key).decode("ascii")
+        return kid
+
+    def add_file(self, path):
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as exc:
+            raise ProvinceError("%s: cannot read trusted key: %s" % (path, exc.strerror)) from None
+        try:
+            return self.add(batchlib.load_public_key(pem))
+        except batchlib.BatchError as exc:
+            raise ProvinceError("%s: %s" % (path, exc)) from None
+
+    def rescan(self):
+        for folder in self.dirs:
+            for path in sorted(glob.glob(os.path.join(folder, "*.pem"))):
+                try:
+                    self.add_file(path)
+                except ProvinceError:
+                    # A private key or a half-written file in a shared folder is not ours to
+                    # judge; it simply is not trusted.
+                    continue
+
+    def get(self, kid):
+        key = self._keys.get(kid)
+        if key is None and self.dirs:
+            self.rescan()
+            key = self._keys.get(kid)
+        return key
+
+    def pems(self):
+        return dict(self._pems)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def _as_trusted(trusted_keys):
+    if isinstance(trusted_keys, TrustedKeys):
+        return trusted_keys
+    if isinstance(trusted_keys, dict):
+        return TrustedKeys(trusted_keys.values())
+    return TrustedKeys(trusted_keys or ())
+
+
+# ---------------------------------------------------------------- record checks
+
+def check_record(record):
+    """None when the record is acceptable, else a short reason code."""
+    if not isinstance(record, dict):
+        return "not_object"
+    for field in batchlib.RECORD_FIELDS:
+        if field not in record:
+            return "missing_" + field
+    if not isinstance(record["voteId"], str) or not _VOTE_ID.match(record["voteId"]):
+        return "bad_voteId"
+    if not isinstance(record["deviceNo"], str) or not record["deviceNo"]:
+        return "bad_deviceNo"
+    if not isinstance(record["pf"], str) or not record["pf"]:
+        return "bad_pf"
+    for field in ("projectNo", "taskCode", "taskName", "areaCode", "deptCode", "proManager",
+                  "proManagerNo", "evalDetail", "writingEvaluation"):
+        if not isinstance(record[field], str):
+            return "bad_" + field
+    if not _valid_time(record["assessTime"]):
+        return "bad_assessTime"
+    if record["assessNumber"] not in (1, 2) or isinstance(record["assessNumber"], bool):
+        return "bad_assessNumber"
+    rated = record["rated"]
+    if rated not in (0, 1) or isinstance(rated, bool):
+        return "bad_rated"
+    satisfaction = record["satisfaction"]
+    if rated == 0:
+        if satisfaction not in ("", None):
+            return "unrated_with_satisfaction"
+        return None
+    if satisfaction in ("", None):
+        return "satisfaction_required"
+    level = _level(satisfaction)
+    if level is None:
+        return "satisfaction_range"
+    if level <= 2 and not record["evalDetail"]:
+        return "evalDetail_required"
+    return None
+
+
+def _level(satisfaction):
+    # "1".."5" as the national interface sends it; a plain integer is read the same way.
+    if isinstance(satisfaction, bool):
+        return None
+    if isinstance(satisfaction, int):
+        value = satisfaction
+    elif isinstance(satisfaction, str) and satisfaction.isdigit() and len(satisfaction) == 1:
+        value = int(satisfaction)
+    else:
+        return None
+    return value if 1 <= value <= 5 else None
+
+
+def _valid_time(text):
+    if not isinstance(text, str) or not _ASSESS_TIME.match(text):
+        return False
+    try:
+        datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return False
+    return True
+
+
+def check_batch_shape(batch):
+    """None when the body has every batch field with the right type, else a reason."""
+    if not isinstance(batch, dict):
+        return "body is not a JSON object"
+    for field, kind in (("batch_id", str), ("hub", str), ("n", int), ("prev", str),
+                        ("created", str), ("profile", str), ("records", list), ("sig", str),
+                        ("key_id", str)):
+        if field not in batch:
+            return "missing " + field
+        if not isinstance(batch[field], kind) or isinstance(batch[field], bool):
+            return "%s has the wrong type" % field
+    if not batch["hub"] or batch["n"] < 1:
+        return "hub must be non-empty and n >= 1"
+    if batch["batch_id"] != "%s-%d" % (batch["hub"], batch["n"]):
+        return "batch_id must be <hub>-<n>"
+    if not _HEX64.match(batch["prev"]):
+        return "prev must be 64 lowercase hex"
+    return None
+
+
+# ---------------------------------------------------------------- the store
+
+class ProvinceStore:
+    """The receiver's SQLite store (WAL): batches, records, per-hub chain heads, counters."""
+
+    def __init__(self, path, now_ms=_wall_ms):
+        self.path = path
+        self._now_ms = now_ms
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ProvinceError("%s: cannot open the province store: %s" % (path, exc)) from None
+        row = self.db.execute("SELECT MAX(received_at_ms) FROM batches").fetchone()
+        self._last_ms = row[0] or 0
+
+    def close(self):
+        self.db.close()
+
+    def _received_ms(self):
+        # Never earlier than the last batch: readers page through records by received_at_ms,
+        # so a wall clock stepping back must not hide newer records behind older ones.
+        self._last_ms = max(self._now_ms(), self._last_ms)
+        return self._last_ms
+
+    def count(self, name, k=1):
+        self.db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                        "DO UPDATE SET value = value + excluded.value", (name, k))
+
+    def counter(self, name):
+        row = self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def remember_keys(self, trusted):
+        """Record the keys this receiver trusts, so `verify` can re-check without them."""
+        now = self._now_ms()
+        for kid, pem in trusted.pems().items():
+            self.db.execute("INSERT OR IGNORE INTO trusted_keys (key_id, pem, added_at_ms) "
+                            "VALUES (?, ?, ?)", (kid, pem, now))
+
+    def remembered_keys(self):
+        trusted = TrustedKeys()
+        for (pem,) in self.db.execute("SELECT pem FROM trusted_keys"):
+            try:
+                trusted.add(batchlib.load_public_key(pem.encode("ascii")))
+            except (batchlib.BatchError, UnicodeError):
+                continue
+        return trusted
+
+    def accept(self, batch, digest):
+        """Store a signature-checked batch. Returns (http status, answer)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            status, answer = self._accept(batch, digest)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return status, answer
+
+    def _accept(self, batch, digest):
+        row = self.db.execute("SELECT hash, answer FROM batches WHERE batch_id = ?",
+                              (batch["batch_id"],)).fetchone()
+        if row is not None:
+            if row[0] == digest:
+                # The hub never saw our answer (timeout, dropped connection) and asks again.
+                self.count("resent_batches")
+                return 200, json.loads(row[1])
+            self.count("altered")
+            return 409, {"error": "altered", "batch_id": batch["batch_id"]}
+        head = self.db.execute("SELECT last_n, last_hash FROM hubs WHERE hub = ?",
+                               (batch["hub"],)).fetchone()
+        last_n, last_hash = head if head else (0, batchlib.GENESIS)
+        if batch["n"] != last_n + 1 or batch["prev"] != last_hash:
+            self.count("chain_errors")
+            return 409, {"error": "chain", "expected_n": last_n + 1, "expected_prev": last_hash}
+        now = self._received_ms()
+        accepted, duplicate, rejected, seen = [], [], [], set()
+        for index, record in enumerate(batch["records"]):
+            reason = check_record(record)
+            if reason is not None:
+                rid = record.get("voteId") if isinstance(record, dict) else None
+                rejected.append({"id": rid if isinstance(rid, str) else "#%d" % index,
+                                 "reason": reason})
+                continue
+            vote_id = record["voteId"]
+            if vote_id in seen or self.db.execute(
+                    "SELECT 1 FROM records WHERE vote_id = ?", (vote_id,)).fetchone():
+                duplicate.append(vote_id)
+                continue
+            seen.add(vote_id)
+            self.db.execute(
+                "INSERT INTO records (vote_id, batch_id, rated, satisfaction, fields, "
+                "received_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                (vote_id, batch["batch_id"], record["rated"],
+                 _level(record["satisfaction"]) if record["rated"] else None,
+                 json.dumps(record, ensure_ascii=False, sort_keys=True), now))
+            accepted.append(vote_id)
+        answer = {"batch_id": batch["batch_id"], "accepted": accepted, "duplicate": duplicate,
+                  "rejected": rejected}
+        self.db.execute(
+            "INSERT INTO batches (batch_id, hub, n, prev, hash, sig, key_id, profile, body, "
+            "answer, received_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (batch["batch_id"], batch["hub"], batch["n"], batch["prev"], digest, batch["sig"],
+             batch["key_id"], batch["profile"], batchlib.canonical(batch).decode("utf-8"),
+             json.dumps(answer, ensure_ascii=False), now))
+        self.db.execute("INSERT INTO hubs (hub, last_n, last_hash) VALUES (?, ?, ?) "
+                        "ON CONFLICT(hub) DO UPDATE SET last_n = excluded.last_n, "
+                        "last_hash = excluded.last_hash", (batch["hub"], batch["n"], digest))
+        if duplicate:
+            self.count("duplicates", len(duplicate))
+        if rejected:
+            self.count("rejected", len(rejected))
+        return 200, answer
+
+    def stats(self):
+        one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        result = {
+            "batches": one("SELECT COUNT(*) FROM batches"),
+            "records": one("SELECT COUNT(*) FROM records"),
+            "votes": one("SELECT COUNT(*) FROM records WHERE rated = 1"),
+            "unrated": one("SELECT COUNT(*) FROM records WHERE rated = 0"),
+        }
+        for name in COUNTERS:
+            result[name] = self.counter(name)
+        result["last_n"] = {hub: n for hub, n in
+                            self.db.execute("SELECT hub, last_n FROM hubs ORDER BY hub")}
+        return result
+
+    def records(self, after_ms=0, limit=RECORDS_LIMIT_DEFAULT):
+        """Records received after after_ms, oldest first, and whether more remain.
+
+        A page always ends on a whole millisecond (all records of one batch share one), so a
+        reader that asks again with after_ms = the last received_at_ms it saw never skips one.
+        """
+        rows = self.db.execute(
+            "SELECT vote_id, batch_id, fields, received_at_ms FROM records "
+            "WHERE received_at_ms > ? ORDER BY received_at_ms, rowid LIMIT ?",
+            (after_ms, limit + 1)).fetchall()
+        more = len(rows) > limit
+        if more:
+            rows = rows[:limit]
+            last = rows[-1][3]
+            rows += self.db.execute(
+                "SELECT vote_id, batch_id, fields, received_at_ms FROM records "
+                "WHERE received_at_ms = ? ORDER BY rowid LIMIT -1 OFFSET ?",
+                (last, sum(1 for r in rows if r[3] == last))).fetchall()
+            more = self.db.execute("SELECT 1 FROM records WHERE received_at_ms > ? LIMIT 1",
+                                   (last,)).fetchone() is not None
+        out = []
+        for vote_id, batch_id, fields, received in rows:
+            record = json.loads(fields)
+            record.update(voteId=vote_id, batch_id=batch_id, received_at_ms=received)
+            out.append(record)
+        return out, more
+
+
+# ---------------------------------------------------------------- fault injection
+
+class Faults:
+    """The current injected fault; it reverts to "ok" after for_s seconds when given."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self.mode, self.status, self.delay_ms, self._until = "ok", 503, None, None
+
+    def set(self, spec):
+        if not isinstance(spec, dict):
+            raise ValueError("fault spec must be a JSON object")
+        mode = spec.get("mode", "ok")
+        if mode not in FAULT_MODES:
+            raise ValueError("mode must be one of " + ", ".join(FAULT_MODES))
+        status = spec.get("status", 503)
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status 400..599")
+        delay_ms = spec.get("delay_ms")
+        if delay_ms is not None and (not isinstance(delay_ms, (int, float))
+                                     or isinstance(delay_ms, bool) or delay_ms < 0):
+            raise ValueError("delay_ms must be a number >= 0")
+        for_s = spec.get("for_s")
+        if for_s is not None and (not isinstance(for_s, (int, float))
+                                  or isinstance(for_s, bool) or for_s <= 0):
+            raise ValueError("for_s must be a number > 0")
+        self.mode, self.status, self.delay_ms = mode, status, delay_ms
+        self._until = None if for_s is None else self._clock() + for_s
+
+    def current(self):
+        if self._until is not None and self._clock() >= self._until:
+            self.mode, self.delay_ms, self._until = "ok", None, None
+        return self.mode
+
+    def describe(self):
+        mode = self.current()
+        remaining = None if self._until is None else max(0.0, self._until - self._clock())
+        return {"mode": mode, "status": self.status, "delay_ms": self.delay_ms,
+                "remaining_s": remaining}
+
+    def delay_s(self, default_ms):
+        return (default_ms if self.delay_ms is None else self.delay_ms) / 1000.0
+
+
+# ---------------------------------------------------------------- HTTP
+
+STORE = web.AppKey("store", ProvinceStore)
+TRUSTED = web.AppKey("trusted", TrustedKeys)
+FAULTS = web.AppKey("faults", Faults)
+CLOSING = web.AppKey("closing", asyncio.Event)
+
+
+def make_app(store, trusted_keys, faults=False, clock=time.monotonic):
+    """The receiver as an aiohttp app. faults=True adds the /_control/faults switch."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app[STORE] = store
+    app[TRUSTED] = _as_trusted(trusted_keys)
+    app[FAULTS] = Faults(clock)
+    store.remember_keys(app[TRUSTED])
+    app.router.add_post("/api/v1/batches", _post_batch)
+    app.router.add_get("/api/v1/stats", _get_stats)
+    app.router.add_get("/api/v1/records", _get_records)
+    app.router.add_get("/healthz", _healthz)
+    if faults:
+        app.router.add_get("/_control/faults", _get_faults)
+        app.router.add_post("/_control/faults", _post_faults)
+
+    async def on_startup(app):
+        app[CLOSING] = asyncio.Event()
+
+    async def on_shutdown(app):
+        # Wake requests held by a "timeout" fault so shutdown does not wait for them.
+        app[CLOSING].set()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+def _json(status, body):
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def _hold(app, seconds):
+    try:
+        await asyncio.wait_for(app[CLOSING].wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def _post_batch(request):
+    app = request.app
+    store, faults = app[STORE], app[FAULTS]
+    mode = faults.current()
+    if mode == "error":
+        store.count("faulted")
+        return _json(faults.status, {"error": "injected", "mode": "error"})
+    if mode == "timeout":
+        store.count("faulted")
+        await _hold(app, faults.delay_s(TIMEOUT_HOLD_MS))
+        return _json(504, {"error": "injected", "mode": "timeout"})
+    raw = await request.read()
+    status, answer = _receive(store, app[TRUSTED], raw)
+    if mode == "slow":
+        await asyncio.sleep(faults.delay_s(SLOW_DELAY_MS))
+    elif mode == "drop":
+        # Stored (or refused) above; the hub just never hears about it.
+        store.count("faulted")
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError()
+    return _json(status, answer)
+
+
+def _receive(store, trusted, raw):
+    try:
+        batch = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        store.count("bad_requests")
+        return 400, {"error": "bad_json"}
+    why = check_batch_shape(batch)
+    if why is not None:
+        store.count("bad_requests")
+        return 400, {"error": "schema", "detail": why}
+    key = trusted.get(batch["key_id"])
+    if key is None or not batchlib.verify_batch(batch, key):
+        store.count("bad_signatures")
+        return 401, {"error": "signature",
+                     "detail": "unknown key" if key is None else "signature does not verify"}
+    return store.accept(batch, batchlib.batch_hash(batch))
+
+
+async def _get_stats(request):
+    return _json(200, request.app[STORE].stats())
+
+
+async def _get_records(request):
+    try:
+        after_ms = int(request.query.get("after_ms", "0"))
+        limit = int(request.query.get("limit", str(RECORDS_LIMIT_DEFAULT)))
+    except ValueError:
+        return _json(400, {"error": "after_ms and limit must be integers"})
+    limit = max(1, min(limit, RECORDS_LIMIT_MAX))
+    records, more = request.app[STORE].records(after_ms, limit)
+    last_ms = records[-1]["received_at_ms"] if records else after_ms
+    return _json(200, {"records": records, "last_ms": last_ms, "more": more})
+
+
+async def _healthz(request):
+    return _json(200, {"ok": True})
+
+
+async def _get_faults(request):
+    return _json(200, request.app[FAULTS].describe())
+
+
+async def _post_faults(request):
+    try:
+        spec = json.loads((await request.read()).decode("utf-8") or "{}")
+        request.app[FAULTS].set(spec)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return _json(400, {"error": str(exc)})
+    return _json(200, request.app[FAULTS].describe())
+
+
+# ---------------------------------------------------------------- audit trail verification
+
+def verify_store(store, trusted=None):
+    """Re-check every stored batch and record. Returns a report dict; report["ok"] is the verdict.
+
+    trusted: the hub keys to check signatures with; None uses the keys the receiver recorded.
+    Each problem names the batch (or record) and says what is wrong with it.
+    """
+    if trusted is None:
+        trusted = store.remembered_keys()
+    problems = []
+
+    def problem(kind, batch_id, detail, hub=None, n=None, vote_id=None):
+        entry = {"problem": kind, "batch_id": batch_id, "hub": hub, "n": n, "detail": detail}
+        if vote_id is not None:
+            entry["voteId"] = vote_id
+        problems.append(entry)
+
+    rows = store.db.execute(
+        "SELECT batch_id, hub, n, prev, hash, sig, key_id, body, answer FROM batches "
+        "ORDER BY hub, n").fetchall()
+    heads = dict(store.db.execute("SELECT hub, last_n FROM hubs").fetchall())
+    by_hub, bodies = {}, {}
+    for row in rows:
+        by_hub.setdefault(row[1], []).append(row)
+    for hub in sorted(set(by_hub) | set(heads)):
+        stored = {row[2]: row for row in by_hub.get(hub, [])}
+        top = max(list(stored) + [heads.get(hub, 0)])
+        altered, real_hash = set(), {}
+        for n in range(1, top + 1):
+            batch_id = "%s-%d" % (hub, n)
+            row = stored.get(n)
+            if row is None:
+                problem("missing", batch_id, "batch is not in the store", hub, n)
+                continue
+            why, body = _check_stored_batch(row, trusted)
+            real_hash[n] = hashlib.sha256(row[7].encode("utf-8")).hexdigest()
+            if why is not None:
+                altered.add(n)
+                problem("altered", batch_id, why, hub, n)
+            if body is not None:
+                bodies[batch_id] = body
+            prev = body["prev"] if body is not None else row[3]
+            if n == 1:
+                if prev != batchlib.GENESIS:
+                    problem("chain", batch_id, "batch 1 does not start from the genesis hash",
+                            hub, n)
+            elif n - 1 in real_hash and prev != real_hash[n - 1] and n - 1 not in altered:
+                problem("chain", batch_id,
+                        "prev does not match batch %s-%d as stored" % (hub, n - 1), hub, n)
+        for n in sorted(stored):
+            if n < 1:
+                problem("chain", stored[n][0], "batch number outside the chain", hub, n)
+    problems.extend(_check_records(store, bodies, rows))
+    return {
+        "ok": not problems,
+        "batches": len(rows),
+        "records": store.db.execute("SELECT COUNT(*) FROM records").fetchone()[0],
+        "hubs": {hub: heads.get(hub, 0) for hub in sorted(set(by_hub) | set(heads))},
+        "problems": problems,
+    }
+
+
+def _check_stored_batch(row, trusted):
+    """(reason or None, parsed body or None) for one stored batch row."""
+    batch_id, hub, n, prev, digest, sig, kid, body_text, _answer = row
+    try:
+        body = json.loads(body_text)
+    except ValueError:
+        return "stored body is not JSON", None
+    if not isinstance(body, dict):
+        return "stored body is not a JSON object", None
+    if hashlib.sha256(body_text.encode("utf-8")).hexdigest() != digest:
+        return "stored body does not match its recorded hash", body
+    if (body.get("batch_id"), body.get("hub"), body.get("n"), body.get("prev")) != \
+            (batch_id, hub, n, prev):
+        return "batch columns disagree with the signed body", body
+    key = trusted.get(kid)
+    if key is None:
+        return "signed by key %s, which is not trusted" % kid, body
+    if not batchlib.verify_batch(dict(body, sig=sig, key_id=kid), key):
+        return "signature does not verify", body
+    return None, body
+
+
+def _check_records(store, bodies, rows):
+    problems = []
+    signed = {}
+    for batch_id, body in bodies.items():
+        for record in body.get("records", []):
+            if isinstance(record, dict) and isinstance(record.get("voteId"), str):
+                signed.setdefault(record["voteId"], (batch_id, record))
+    known = {row[0] for row in rows}
+    stored_ids = set()
+    for vote_id, batch_id, fields in store.db.execute(
+            "SELECT vote_id, batch_id, fields FROM records ORDER BY rowid"):
+        stored_ids.add(vote_id)
+        entry = {"problem": "record_altered", "batch_id": batch_id, "hub": None, "n": None,
+                 "voteId": vote_id}
+        if batch_id not in known:
+            entry.update(problem="record_orphan", detail="its batch is not in the store")
+        elif batch_id not in bodies:
+            continue  # the batch itself is already reported as unreadable
+        else:
+            origin = signed.get(vote_id)
+            try:
+                same = origin is not None and origin[0] == batch_id and json.loads(fields) == \
+                    origin[1]
+            except ValueError:
+                same = False
+            if same:
+                continue
+            entry["detail"] = "differs from the record in the signed batch"
+        problems.append(entry)
+    for batch_id, _hub, _n, *_rest, answer in rows:
+        try:
+            accepted = json.loads(answer).get("accepted", [])
+        except (ValueError, AttributeError):
+            continue
+        for vote_id in accepted:
+            if vote_id not in stored_ids:
+                problems.append({"problem": "record_missing", "batch_id": batch_id, "hub": None,
+                                 "n": None, "voteId": vote_id,
+                                 "detail": "accepted record is not in the store"})
+    return problems
+
+
+# ---------------------------------------------------------------- running it
+
+def serve(store, trusted, host="127.0.0.1", port=9100, faults=False, print_fn=print):
+    """Run the receiver until interrupted (Ctrl-C / SIGTERM)."""
+    app = make_app(store, trusted, faults=faults)
+    print_fn("province receiver on http://%s:%d/api/v1 (%d trusted hub keys%s)"
+             % (host, port, len(trusted), ", faults enabled" if faults else ""))
+    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
