@@ -1,0 +1,111 @@
+"""Numbered schema migrations for the hub's SQLite store.
+
+Each migration runs once, in order, inside one write transaction together with its row in
+the `migrations` table, so a hub killed half-way through an upgrade simply runs it again.
+Never edit a migration that has shipped: add the next number.
+"""
+import datetime
+
+from . import PingjiaError
+
+
+class MigrationError(PingjiaError):
+    """The store's schema is newer than this hub or a migration failed."""
+
+
+def _m1_core(db):
+    # The device registry is owned by provisioning (hub/provision.py); it is created here
+    # too so a fresh store works before any device exists. Same columns either way.
+    db.execute("""CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY,
+        key_hex TEXT NOT NULL,
+        window TEXT,
+        label TEXT,
+        created_at TEXT,
+        retired INTEGER NOT NULL DEFAULT 0)""")
+    # One row per (device, sequence): the vote's identity end to end. rowid order is the
+    # order the hub received them in, which is the order they are forwarded in.
+    db["votes"].create({
+        "device_id": str, "seq": int, "t": int, "kind": str, "pid": str, "case_no": str,
+        "stars": int, "reasons": str, "cat_ver": str, "window": str, "staff_no": str,
+        "mac": str, "received_at": str, "batch_n": int, "forwarded_at": str, "flags": str,
+    }, pk=("device_id", "seq"), not_null={"t", "kind", "pid", "stars", "mac", "received_at"},
+        defaults={"flags": "", "reasons": "", "case_no": "", "cat_ver": "", "window": "",
+                  "staff_no": ""})
+    db.execute("CREATE INDEX votes_unbatched ON votes(batch_n) WHERE batch_n IS NULL")
+    db.execute("CREATE INDEX votes_batch ON votes(batch_n)")
+    db.execute("CREATE INDEX votes_pid ON votes(pid)")
+    # The highest contiguous sequence committed per device: what the ack says.
+    db["device_acks"].create({"device_id": str, "acked_seq": int, "updated_at": str},
+                             pk="device_id", not_null={"acked_seq"})
+    db["rejections"].create({"reason": str, "count": int}, pk="reason", not_null={"count"})
+    # Bounded (see store.REJECTION_LOG_MAX); never holds a payload, only its size.
+    db["rejection_log"].create({"id": int, "at": str, "reason": str, "device_id": str,
+                                "topic": str, "size": int}, pk="id")
+    db["counters"].create({"name": str, "count": int}, pk="name", not_null={"count"})
+    db["batches"].create({
+        "n": int, "batch_id": str, "prev": str, "hash": str, "body": str, "records": int,
+        "created_at": str, "sent_attempts": int, "last_sent_at": str, "accepted_at": str,
+        "last_error": str, "response": str,
+    }, pk="n", not_null={"batch_id", "prev", "hash", "body", "created_at", "sent_attempts"},
+        defaults={"sent_attempts": 0})
+    db["prompts"].create({
+        "pid": str, "seq_no": int, "device_id": str, "window": str, "case_no": str,
+        "task_code": str, "task_name": str, "dept_code": str, "kind": str, "n_cases": int,
+        "staff_no": str, "staff_name": str, "created_at": str, "device_state": str,
+        "device_state_at": str, "outcome": str, "vote_seq": int, "outcome_at": str,
+    }, pk="pid", not_null={"seq_no", "device_id", "created_at"})
+    db.execute("CREATE UNIQUE INDEX prompts_seq_no ON prompts(seq_no)")
+    db["windows"].create({"window": str, "staff_no": str, "staff_name": str,
+                          "signed_in_at": str, "signed_out_at": str}, pk="window")
+    db["device_health"].create({"device_id": str, "online": int, "last_seen": str,
+                                "last_birth": str, "birth": str, "hb": str}, pk="device_id")
+    db["events"].create({"id": int, "at": str, "device_id": str, "kind": str, "detail": str},
+                        pk="id", not_null={"at", "kind"})
+    db.execute("CREATE INDEX events_kind ON events(kind, id)")
+    db["hub_state"].create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS = (
+    (1, "core tables: votes, acks, rejections, batches, prompts, windows, events", _m1_core),
+)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def applied(db):
+    if not db["migrations"].exists():
+        return set()
+    return {row[0] for row in db.execute("SELECT id FROM migrations").fetchall()}
+
+
+def migrate(db):
+    """Bring the schema up to date; returns the numbers applied now. Safe to call from
+    several processes at once: the check and the change share one IMMEDIATE transaction."""
+    conn = db.conn
+    done = []
+    for number, name, step in MIGRATIONS:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS migrations "
+                         "(id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            if conn.execute("SELECT 1 FROM migrations WHERE id = ?", (number,)).fetchone():
+                conn.execute("COMMIT")
+                continue
+            step(db)
+            conn.execute("INSERT INTO migrations (id, name, applied_at) VALUES (?, ?, ?)",
+                         (number, name, _now()))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, Exception):
+                raise MigrationError("migration %d (%s) failed: %s" % (number, name, exc)) from exc
+            raise
+        done.append(number)
+    newest = max(n for n, _, _ in MIGRATIONS)
+    row = conn.execute("SELECT max(id) FROM migrations").fetchone()
+    if row and row[0] and row[0] > newest:
+        raise MigrationError("store schema %d is newer than this hub (%d)" % (row[0], newest))
+    return done
