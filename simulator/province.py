@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 
 from aiohttp import web
@@ -482,7 +483,7 @@ def make_app(store, trusted_keys, faults=False, clock=time.monotonic):
         app[CLOSING] = asyncio.Event()
 
     async def on_shutdown(app):
-        # Wake requests held by a "timeout" fault so shutdown does not wait for them.
+        # Wake requests held by a "timeout" or "slow" fault so shutdown does not wait for them.
         app[CLOSING].set()
 
     app.on_startup.append(on_startup)
@@ -515,7 +516,7 @@ async def _post_batch(request):
     raw = await request.read()
     status, answer = _receive(store, app[TRUSTED], raw)
     if mode == "slow":
-        await asyncio.sleep(faults.delay_s(SLOW_DELAY_MS))
+        await _hold(app, faults.delay_s(SLOW_DELAY_MS))
     elif mode == "drop":
         # Stored (or refused) above; the hub just never hears about it.
         store.count("faulted")
@@ -704,6 +705,61 @@ def _check_records(store, bodies, rows):
 
 
 # ---------------------------------------------------------------- running it
+
+class ThreadedReceiver:
+    """The receiver on its own event loop in a background thread, for tests and tools.
+
+    Start with start(); stop() shuts the server down (waking held fault requests) and joins.
+    The store belongs to the caller, who closes it after stop().
+    """
+
+    def __init__(self, store, trusted, host="127.0.0.1", port=9100, faults=False,
+                 clock=time.monotonic):
+        self.host, self.port = host, port
+        self.app = make_app(store, trusted, faults=faults, clock=clock)
+        self._loop = asyncio.new_event_loop()
+        self._runner = None
+        self._started = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="province", daemon=True)
+
+    @property
+    def url(self):
+        return "http://%s:%d" % (self.host, self.port)
+
+    def start(self, timeout=30):
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise ProvinceError("receiver did not start within %s s" % timeout)
+        if self._error is not None:
+            raise ProvinceError("receiver cannot listen on %s:%d: %s"
+                                % (self.host, self.port, self._error))
+        return self
+
+    def _run(self):
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._listen())
+        except OSError as exc:
+            self._error = exc
+            self._loop.close()
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _listen(self):
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    def stop(self, timeout=30):
+        if self._runner is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
 
 def serve(store, trusted, host="127.0.0.1", port=9100, faults=False, print_fn=print):
     """Run the receiver until interrupted (Ctrl-C / SIGTERM)."""
