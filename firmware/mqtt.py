@@ -1,0 +1,707 @@
+# MQTT 3.1.1 client for the counter device: asyncio, QoS 0 and 1, bounded memory.
+# The same file runs on MicroPython's asyncio (the device imports it as `mqtt`) and on
+# CPython's asyncio. The top half is pure packet encoders/decoders (byte-exact, no socket);
+# the bottom half is MQTTClient, which keeps one link to the broker alive for ever.
+#
+# Deliberately missing (docs/mqtt.md): no outgoing queue and no persistence -- the device's
+# vote journal is the queue and the hub's application-level ack is what trims it -- and no
+# QoS 2. A QoS 1 publish whose link drops before PUBACK raises OSError; the caller retries
+# later from its own durable copy, so the hub may see duplicates, which it absorbs because
+# a vote's identity is (device, seq).
+import asyncio
+import errno
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(value):
+        return value
+
+try:
+    from time import ticks_diff, ticks_ms
+except ImportError:  # CPython has no ticks; a monotonic clock in ms does the same job here
+    from time import monotonic as _monotonic
+
+    def ticks_ms():
+        return int(_monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+try:
+    from random import getrandbits
+except ImportError:  # a MicroPython build without random: no jitter beats no client
+    def getrandbits(bits):
+        return (ticks_ms() * 2654435761 >> 7) & ((1 << bits) - 1)
+
+
+# Fixed-header first bytes. SUBSCRIBE's low nibble 0010 is required by the spec (3.8.1).
+CONNECT = const(0x10)
+CONNACK = const(0x20)
+PUBLISH = const(0x30)
+PUBACK = const(0x40)
+SUBSCRIBE = const(0x82)
+SUBACK = const(0x90)
+PINGREQ = const(0xC0)
+PINGRESP = const(0xD0)
+DISCONNECT = const(0xE0)
+
+PINGREQ_PACKET = b"\xc0\x00"
+PINGRESP_PACKET = b"\xd0\x00"
+DISCONNECT_PACKET = b"\xe0\x00"
+
+MAX_REMAINING = const(268435455)  # four 7-bit groups: the largest remaining length there is
+SUB_REFUSED = const(0x80)         # SUBACK return code for a refused subscription
+
+_DUP = const(0x08)
+_RETAIN = const(0x01)
+_BACKOFF_FIRST_MS = const(500)
+_MIN_PACKET = const(64)
+
+
+class MQTTError(ValueError):
+    """A caller mistake: a bad topic, QoS, packet id, client id or argument."""
+
+
+class MalformedPacket(MQTTError):
+    """Bytes that are not a well-formed MQTT 3.1.1 packet."""
+
+
+# ---------------------------------------------------------------------------------------
+# Encoders and decoders. Encoders return bytes; decoders take the body (what follows the
+# remaining length) as bytes, bytearray or memoryview and raise MalformedPacket.
+
+def encode_length(value):
+    """The remaining-length varint: 7 bits a byte, low group first, top bit = more."""
+    if value < 0 or value > MAX_REMAINING:
+        raise MQTTError("remaining length out of range")
+    out = bytearray()
+    while True:
+        digit = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(digit | 0x80)
+        else:
+            out.append(digit)
+            return bytes(out)
+
+
+def decode_length(buf, offset=0):
+    """Return (remaining length, offset just after it)."""
+    value = 0
+    shift = 0
+    for i in range(4):
+        if offset + i >= len(buf):
+            raise MalformedPacket("truncated remaining length")
+        digit = buf[offset + i]
+        value |= (digit & 0x7F) << shift
+        if not digit & 0x80:
+            return value, offset + i + 1
+        shift += 7
+    raise MalformedPacket("remaining length longer than 4 bytes")
+
+
+def _raw(value):
+    if isinstance(value, str):
+        return value.encode()
+    return bytes(value)
+
+
+def _string(value, what):
+    raw = _raw(value)
+    if len(raw) > 65535:
+        raise MQTTError(what + " longer than 65535 bytes")
+    return bytes((len(raw) >> 8, len(raw) & 0xFF)) + raw
+
+
+def check_topic(topic):
+    """A topic to publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
+    if not isinstance(topic, str) or not topic:
+        raise MQTTError("topic must be a non-empty str")
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise MQTTError("topic has a wildcard or NUL")
+    if len(topic.encode()) > 65535:
+        raise MQTTError("topic longer than 65535 bytes")
+    return topic
+
+
+def check_filter(topic):
+    """A topic filter to subscribe to: '+' fills a whole level, '#' only as the last level."""
+    if not isinstance(topic, str) or not topic or "\x00" in topic:
+        raise MQTTError("topic filter must be a non-empty str")
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise MQTTError("'#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise MQTTError("'+' must be a whole level")
+    if len(topic.encode()) > 65535:
+        raise MQTTError("topic filter longer than 65535 bytes")
+    return topic
+
+
+def _check_qos(qos):
+    if qos != 0 and qos != 1:
+        raise MQTTError("qos must be 0 or 1")
+
+
+def _check_pid(pid):
+    if not isinstance(pid, int) or pid < 1 or pid > 65535:
+        raise MQTTError("packet id must be 1..65535")
+
+
+def _u16(value):
+    return bytes((value >> 8, value & 0xFF))
+
+
+def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=None,
+                   password=None):
+    """CONNECT. will = (topic, payload, qos, retain)."""
+    if not isinstance(keepalive, int) or keepalive < 0 or keepalive > 65535:
+        raise MQTTError("keepalive must be 0..65535 s")
+    if not client_id and not clean_session:
+        # 3.1.3.1: a broker rejects an empty client id with a persistent session
+        raise MQTTError("an empty client id needs clean_session")
+    if password is not None and user is None:
+        raise MQTTError("a password needs a user name in MQTT 3.1.1")
+    flags = 0x02 if clean_session else 0
+    payload = _string(client_id, "client id")
+    if will is not None:
+        w_topic, w_payload, w_qos, w_retain = will
+        check_topic(w_topic)
+        _check_qos(w_qos)
+        flags |= 0x04 | (w_qos << 3) | (0x20 if w_retain else 0)
+        payload += _string(w_topic, "will topic") + _string(w_payload, "will payload")
+    if user is not None:
+        flags |= 0x80
+        payload += _string(user, "user")
+    if password is not None:
+        flags |= 0x40
+        payload += _string(password, "password")
+    body = b"\x00\x04MQTT\x04" + bytes((flags, keepalive >> 8, keepalive & 0xFF)) + payload
+    return bytes((CONNECT,)) + encode_length(len(body)) + body
+
+
+def decode_connack(body):
+    """CONNACK body -> (session_present, return code)."""
+    if len(body) != 2 or body[0] & 0xFE:
+        raise MalformedPacket("bad CONNACK")
+    return bool(body[0] & 1), body[1]
+
+
+def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
+    """Everything of a PUBLISH before the payload, so a payload is sent without a copy."""
+    check_topic(topic)
+    _check_qos(qos)
+    if qos:
+        _check_pid(pid)
+    elif pid or dup:
+        raise MQTTError("a qos 0 publish has no packet id and no DUP")
+    var = _string(topic, "topic")
+    if qos:
+        var += _u16(pid)
+    first = PUBLISH | (qos << 1) | (_DUP if dup else 0) | (_RETAIN if retain else 0)
+    return bytes((first,)) + encode_length(len(var) + payload_len) + var
+
+
+def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+    payload = _raw(payload)
+    return publish_header(topic, len(payload), qos, retain, dup, pid) + payload
+
+
+def decode_publish(first, body):
+    """PUBLISH -> (topic, payload, qos, retain, dup, pid); pid is 0 for qos 0."""
+    qos = (first >> 1) & 3
+    if first & 0xF0 != PUBLISH or qos == 3:
+        raise MalformedPacket("bad PUBLISH flags")
+    size = len(body)
+    start = 2 + ((body[0] << 8) | body[1] if size >= 2 else size)
+    pos = start + (2 if qos else 0)
+    if pos > size:
+        raise MalformedPacket("PUBLISH header runs past the end of the packet")
+    try:
+        topic = bytes(body[2:start]).decode()
+    except UnicodeError:
+        raise MalformedPacket("topic is not UTF-8")
+    if not topic or "+" in topic or "#" in topic:
+        raise MalformedPacket("bad PUBLISH topic")
+    pid = 0
+    if qos:
+        pid = (body[start] << 8) | body[start + 1]
+        if not pid:
+            raise MalformedPacket("packet id 0")
+    return topic, bytes(body[pos:]), qos, bool(first & _RETAIN), bool(first & _DUP), pid
+
+
+def puback_packet(pid):
+    _check_pid(pid)
+    return bytes((PUBACK, 2)) + _u16(pid)
+
+
+def decode_pid(body):
+    """PUBACK (or any body that is just a packet id) -> pid."""
+    if len(body) != 2:
+        raise MalformedPacket("bad packet id body")
+    pid = (body[0] << 8) | body[1]
+    if not pid:
+        raise MalformedPacket("packet id 0")
+    return pid
+
+
+def subscribe_packet(pid, topic, qos=1):
+    """SUBSCRIBE to one topic filter."""
+    _check_pid(pid)
+    check_filter(topic)
+    _check_qos(qos)
+    body = _u16(pid) + _string(topic, "topic filter") + bytes((qos,))
+    return bytes((SUBSCRIBE,)) + encode_length(len(body)) + body
+
+
+def decode_suback(body):
+    """SUBACK body -> (pid, [return code per filter]); 0x80 means refused."""
+    if len(body) < 3:
+        raise MalformedPacket("bad SUBACK")
+    for code in body[2:]:
+        if code > 2 and code != SUB_REFUSED:
+            raise MalformedPacket("bad SUBACK return code")
+    return decode_pid(body[:2]), list(body[2:])
+
+
+# ---------------------------------------------------------------------------------------
+# The client.
+
+def _ms_to_s(ms):
+    return ms / 1000
+
+
+async def _sleep_ms(ms):
+    await asyncio.sleep(ms / 1000)
+
+
+def _why(exc):
+    return exc if isinstance(exc, str) else repr(exc)
+
+
+class MQTTClient:
+    """Keeps one MQTT link alive; publish/subscribe ride on it while it is up.
+
+    Link faults surface as OSError from publish/subscribe and are handled by run(), which
+    reconnects with capped exponential backoff and jitter. Caller mistakes raise MQTTError.
+    """
+
+    def __init__(self, client_id, server, port=1883, user=None, password=None, keepalive=30,
+                 clean_session=False, will=None, ssl=None, max_packet=4096, on_message=None,
+                 on_connect=None, open_connection=None, backoff_max_ms=30000,
+                 ack_timeout_ms=10000):
+        if max_packet < _MIN_PACKET:
+            raise MQTTError("max_packet below 64 bytes")
+        # Built once: it is the same bytes on every connect, and bad arguments fail here.
+        self._connect_pkt = connect_packet(client_id, keepalive, clean_session, will, user,
+                                           password)
+        self.client_id = client_id
+        self.server = server
+        self.port = port
+        self._ssl = ssl
+        self._open = open_connection
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._ka_ms = keepalive * 1000
+        self._backoff_max = backoff_max_ms
+        self._ack_ms = ack_timeout_ms
+        # The one receive buffer: allocated here, reused for every incoming packet.
+        self._buf = bytearray(max_packet)
+        self._mv = memoryview(self._buf)
+        self._mv1 = self._mv[:1]
+        self._lock = asyncio.Lock()    # one qos1 publish or subscribe awaiting its ack
+        self._wlock = asyncio.Lock()   # whole packets, one writer at a time
+        self._up = asyncio.Event()     # set while connected
+        self._down = asyncio.Event()   # set when the current link failed
+        self._ack_ev = asyncio.Event()
+        self._stop_ev = asyncio.Event()
+        self._reader = None
+        self._writer = None
+        self._readinto = False
+        self._rx_task = None
+        self._ka_task = None
+        self._gen = 0                  # link generation: a fault on an old link is ignored
+        self._link_ok = False          # socket open and not failed
+        self._connected = False        # CONNACK accepted and link not failed
+        self._stopping = False
+        self._ever_connected = False
+        self._pid = 0
+        self._wait_kind = 0
+        self._wait_pid = 0
+        self._acked = False
+        self._ack_code = 0
+        self._last_rx = self._last_tx = self._last_ping = ticks_ms()
+        self.session_present = False
+        self.last_fault = None
+        self.reconnects = 0            # successful connects after the first
+        self.connect_failures = 0      # attempts that never reached an accepted CONNACK
+        self.dropped_incoming = 0      # incoming packets too big or malformed, discarded
+        self.pub_retries = 0           # qos1 publishes resent with DUP
+        self.callback_errors = 0       # exceptions raised by on_message
+
+    # -- public API ----------------------------------------------------------------------
+
+    def isconnected(self):
+        return self._connected
+
+    async def connected(self):
+        await self._up.wait()
+
+    async def run(self):
+        """Connect, and after any link fault reconnect, until disconnect() is called."""
+        self._stopping = False
+        self._stop_ev.clear()
+        try:
+            await self._keep_connected()
+        finally:  # also when the caller cancels run(): never leave a socket behind
+            self._end_link()
+
+    async def _keep_connected(self):
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._open_and_connect()
+            except (OSError, asyncio.TimeoutError, MalformedPacket) as exc:
+                self.connect_failures += 1
+                self.last_fault = _why(exc)
+                self._end_link()
+                if self._stopping:
+                    break
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            up_at = ticks_ms()
+            gen = self._gen
+            if self._ever_connected:
+                self.reconnects += 1
+            self._ever_connected = True
+            try:
+                if self._on_connect is not None:
+                    try:
+                        await self._on_connect(self)
+                    except OSError as exc:  # the link broke while re-subscribing
+                        self._fail(exc, gen)
+                await self._down.wait()
+            finally:
+                self._end_link()
+            # A link that stayed up a while was a real recovery; one that died at once
+            # (a flapping broker, a client-id fight) keeps growing the backoff.
+            if ticks_diff(ticks_ms(), up_at) >= max(self._ka_ms, 1000):
+                attempt = 0
+            if self._stopping:
+                break
+            await self._backoff(attempt)
+            attempt += 1
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        """Send one message. qos 1 returns once PUBACKed; OSError if the link drops first."""
+        check_topic(topic)
+        _check_qos(qos)
+        payload = _raw(payload)
+        if not qos:
+            self._need_connected()
+            await self._send(publish_header(topic, len(payload), 0, retain), payload,
+                             self._gen)
+            return
+        async with self._lock:
+            self._need_connected()
+            gen = self._gen
+            pid = self._next_pid()
+            head = publish_header(topic, len(payload), 1, retain, False, pid)
+            self._arm(PUBACK, pid)
+            try:
+                await self._send(head, payload, gen)
+                while not await self._wait_ack(gen):
+                    # No PUBACK in time on a live link: resend the same pid with DUP so the
+                    # broker knows it may be a repeat.
+                    self.pub_retries += 1
+                    head = bytearray(head)
+                    head[0] |= _DUP
+                    await self._send(head, payload, gen)
+            finally:
+                self._wait_kind = 0
+
+    async def subscribe(self, topic, qos=1):
+        """Subscribe to one filter; returns the granted qos, or SUB_REFUSED (0x80)."""
+        check_filter(topic)
+        _check_qos(qos)
+        async with self._lock:
+            self._need_connected()
+            gen = self._gen
+            pid = self._next_pid()
+            packet = subscribe_packet(pid, topic, qos)
+            self._arm(SUBACK, pid)
+            try:
+                await self._send(packet, None, gen)
+                if not await self._wait_ack(gen):
+                    # SUBSCRIBE cannot be resent with DUP; a broker this slow is as good as gone.
+                    exc = OSError(errno.ETIMEDOUT, "no SUBACK")
+                    self._fail(exc, gen)
+                    raise exc
+                return self._ack_code
+            finally:
+                self._wait_kind = 0
+
+    async def disconnect(self):
+        """Say goodbye (so the broker drops the will), close, and make run() return."""
+        self._stopping = True
+        self._stop_ev.set()
+        gen = self._gen
+        if self._link_ok:
+            try:
+                await self._send(DISCONNECT_PACKET, None, gen)
+            except OSError:
+                pass
+        self._fail("disconnected", gen)
+        self._end_link()
+
+    # -- link ------------------------------------------------------------------------------
+
+    def _need_connected(self):
+        if not self._connected:
+            raise OSError(errno.ENOTCONN, "not connected")
+
+    def _next_pid(self):
+        self._pid = self._pid % 65535 + 1
+        return self._pid
+
+    async def _open_and_connect(self):
+        self._gen += 1
+        gen = self._gen
+        self._down.clear()
+        opener = self._open or asyncio.open_connection
+        if self._ssl is None:
+            link = opener(self.server, self.port)
+        else:
+            link = opener(self.server, self.port, ssl=self._ssl)
+        reader, writer = await asyncio.wait_for(link, _ms_to_s(self._ack_ms))
+        self._reader = reader
+        self._writer = writer
+        # MicroPython streams read straight into our buffer; CPython's only hand out bytes.
+        self._readinto = hasattr(reader, "readinto")
+        self._link_ok = True
+        self._last_rx = self._last_tx = self._last_ping = ticks_ms()
+        await self._send(self._connect_pkt, None, gen)
+        await asyncio.wait_for(self._read_connack(), _ms_to_s(self._ack_ms))
+        self._connected = True
+        self._up.set()
+        self._rx_task = asyncio.create_task(self._rx_loop(gen))
+        if self._ka_ms:
+            self._ka_task = asyncio.create_task(self._keepalive_loop(gen))
+
+    async def _read_connack(self):
+        first, length = await self._read_fixed_header()
+        if first != CONNACK or length != 2:
+            raise MalformedPacket("expected CONNACK")
+        body = self._mv[:2]
+        await self._fill(body)
+        self.session_present, code = decode_connack(body)
+        if code:
+            raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % code)
+
+    def _fail(self, why, gen):
+        # Every link fault from every task ends here, once per link.
+        if gen != self._gen or not self._link_ok:
+            return
+        self._link_ok = False
+        self._connected = False
+        self.last_fault = _why(why)
+        self._up.clear()
+        self._down.set()
+        self._ack_ev.set()  # wake a publish/subscribe waiting for its ack: it will raise
+
+    def _end_link(self):
+        for task in (self._rx_task, self._ka_task):
+            if task is not None:
+                task.cancel()
+        self._rx_task = self._ka_task = None
+        self._link_ok = False
+        self._connected = False
+        self._up.clear()
+        self._ack_ev.set()
+        writer = self._writer
+        self._reader = self._writer = None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # closing a broken socket may complain; it is closed anyway
+                pass
+
+    async def _backoff(self, attempt):
+        delay = _BACKOFF_FIRST_MS << min(attempt, 10)
+        if delay > self._backoff_max:
+            delay = self._backoff_max
+        # Jitter into [delay/2, delay]: a hall of devices that lost the broker together
+        # must not all come back in the same millisecond.
+        half = delay // 2
+        delay = half + ((delay - half) * getrandbits(8) >> 8)
+        try:
+            await asyncio.wait_for(self._stop_ev.wait(), _ms_to_s(delay))
+        except asyncio.TimeoutError:
+            pass
+
+    async def _send(self, head, tail, gen):
+        async with self._wlock:
+            writer = self._writer
+            if writer is None or not self._link_ok or gen != self._gen:
+                raise OSError(errno.ENOTCONN, "not connected")
+            try:
+                writer.write(head)
+                if tail:
+                    writer.write(tail)
+                await writer.drain()
+            except OSError as exc:
+                self._fail(exc, gen)
+                raise
+            self._last_tx = ticks_ms()
+
+    def _arm(self, kind, pid):
+        self._wait_kind = kind
+        self._wait_pid = pid
+        self._acked = False
+        self._ack_code = 0
+
+    async def _wait_ack(self, gen):
+        """True once the armed ack arrived; False on timeout; OSError if the link failed."""
+        self._ack_ev.clear()
+        if not self._acked and self._link_ok and gen == self._gen:
+            try:
+                await asyncio.wait_for(self._ack_ev.wait(), _ms_to_s(self._ack_ms))
+            except asyncio.TimeoutError:
+                pass
+        if self._acked:
+            return True
+        if gen != self._gen or not self._connected:
+            raise OSError(errno.ECONNRESET, "link lost before ack")
+        return False
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _fill(self, mv):
+        """Fill the memoryview mv from the link completely, or raise OSError."""
+        want = len(mv)
+        got = 0
+        reader = self._reader
+        while got < want:
+            if reader is None:
+                raise OSError(errno.ENOTCONN, "not connected")
+            if self._readinto:
+                n = await reader.readinto(mv[got:] if got else mv)
+                if n is None:  # spurious wake-up of a non-blocking socket
+                    continue
+            else:
+                chunk = await reader.read(want - got)
+                n = len(chunk)
+                mv[got:got + n] = chunk
+            if not n:
+                raise OSError(errno.ECONNRESET, "closed by broker")
+            got += n
+            self._last_rx = ticks_ms()
+
+    async def _read_fixed_header(self):
+        mv1 = self._mv1
+        await self._fill(mv1)
+        first = mv1[0]
+        length = 0
+        shift = 0
+        for _ in range(4):
+            await self._fill(mv1)
+            digit = mv1[0]
+            length |= (digit & 0x7F) << shift
+            if not digit & 0x80:
+                return first, length
+            shift += 7
+        # Without a length the stream cannot be re-framed: only a new link recovers.
+        self.dropped_incoming += 1
+        raise OSError(errno.EIO, "remaining length longer than 4 bytes")
+
+    async def _rx_loop(self, gen):
+        try:
+            while True:
+                first, length = await self._read_fixed_header()
+                if length > len(self._buf):
+                    await self._drop_oversized(first, length, gen)
+                    continue
+                body = self._mv[:length]
+                await self._fill(body)
+                await self._dispatch(first, body, gen)
+        except Exception as exc:  # any fault, even our own bug, ends only this link
+            self._fail(exc, gen)
+
+    async def _drop_oversized(self, first, length, gen):
+        # Read it through the one buffer in chunks and forget it. A qos1 PUBLISH is still
+        # PUBACKed, or the broker would redeliver it after every reconnect for ever.
+        self.dropped_incoming += 1
+        size = len(self._buf)
+        head = min(length, size)
+        await self._fill(self._mv[:head])
+        buf = self._buf
+        pid = 0
+        if first & 0xF6 == (PUBLISH | 0x02):
+            topic_len = (buf[0] << 8) | buf[1]
+            if topic_len + 4 <= head:
+                pid = (buf[topic_len + 2] << 8) | buf[topic_len + 3]
+        left = length - head
+        while left:
+            chunk = min(left, size)
+            await self._fill(self._mv[:chunk])
+            left -= chunk
+        if pid:
+            await self._send(puback_packet(pid), None, gen)
+
+    async def _dispatch(self, first, body, gen):
+        kind = first & 0xF0
+        try:
+            if kind == PUBLISH:
+                topic, payload, qos, retain, _, pid = decode_publish(first, body)
+                if qos == 2:  # we never ask for qos 2, and cannot honour its handshake
+                    raise MalformedPacket("qos 2 not supported")
+                if self._on_message is not None:
+                    try:
+                        self._on_message(topic, payload, retain)
+                    except Exception:  # the app's fault, not the link's: count, go on
+                        self.callback_errors += 1
+                if qos:
+                    # Deliver first, then PUBACK: a crash in between means redelivery,
+                    # never loss. Duplicates are fine, the device logic is idempotent.
+                    await self._send(puback_packet(pid), None, gen)
+            elif first == PUBACK or first == SUBACK:
+                if first == PUBACK:
+                    pid, code = decode_pid(body), 0
+                else:
+                    pid, codes = decode_suback(body)
+                    code = codes[0]
+                if first == self._wait_kind and pid == self._wait_pid:
+                    self._ack_code = code
+                    self._acked = True
+                    self._ack_ev.set()
+                # else: a late ack for an earlier try of the same message; harmless
+            elif first == PINGRESP and not len(body):
+                pass  # its arrival already refreshed _last_rx
+            else:
+                raise MalformedPacket("unexpected packet 0x%02x" % first)
+        except MalformedPacket:
+            self.dropped_incoming += 1
+
+    async def _keepalive_loop(self, gen):
+        ka = self._ka_ms
+        half = ka // 2
+        tick = min(max(ka // 8, 50), 1000)
+        try:
+            while True:
+                await _sleep_ms(tick)
+                now = ticks_ms()
+                silent = ticks_diff(now, self._last_rx)
+                if silent >= ka + half:
+                    raise OSError(errno.ETIMEDOUT, "broker silent for 1.5 x keepalive")
+                # Ping when we have been quiet (the broker needs a packet within keepalive)
+                # or the broker has (a ping forces an answer that proves the link lives).
+                if (ticks_diff(now, self._last_tx) >= half
+                        or (silent >= half and ticks_diff(now, self._last_ping) >= half)):
+                    self._last_ping = now
+                    await self._send(PINGREQ_PACKET, None, gen)
+        except Exception as exc:
+            self._fail(exc, gen)
