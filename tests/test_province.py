@@ -1,5 +1,6 @@
 # The reference provincial receiver over real HTTP and a real SQLite store: signatures, chain,
 # idempotent resends, dedupe by voteId, record checks, every fault mode, and `verify`.
+import hashlib
 import http.client
 import json
 import os
@@ -462,7 +463,7 @@ def test_verify_names_an_edit_that_also_fixes_the_hash(tmp_path, key):
         body, = conn.execute("SELECT body FROM batches WHERE batch_id = 'hubA-1'").fetchone()
         edited = body.replace('"proManager":"王芳"', '"proManager":"李四"')
         conn.execute("UPDATE batches SET body = ?, hash = ? WHERE batch_id = 'hubA-1'",
-                     (edited, B.hashlib.sha256(edited.encode()).hexdigest()))
+                     (edited, hashlib.sha256(edited.encode()).hexdigest()))
     report = json.loads(_verify_cli(db, "--json")[1])
     assert ("altered", "hubA-1", "signature does not verify") in {
         (p["problem"], p["batch_id"], p["detail"]) for p in report["problems"]}
