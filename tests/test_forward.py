@@ -1,16 +1,13 @@
 # Forwarding to the province: signed, chained batches persisted before sending, the same
 # bytes resent after a crash, votes marked forwarded only on the province's word, outages
 # drained by themselves, and a broken chain stops the line. Against the reference receiver.
-import asyncio
 import json
 import os
 import sqlite3
-import threading
 import time
 import urllib.request
 
 import pytest
-from aiohttp import web
 
 from conftest import free_port
 from firmware.evaluator import codec
@@ -18,48 +15,32 @@ from hub import batch as batchlib
 from hub.forward import Forwarder, ProvinceUnreachable, backoff_s, http_post
 from hub.ingest import Ingestor, Uplink
 from hub.store import Store
-from simulator.province import ProvinceStore, make_app, verify_store
+from simulator.province import ProvinceStore, ThreadedReceiver, verify_store
 
 KEY = bytes(range(32))
 
 
 class Province:
-    """The reference receiver on a loopback port, in a thread of this process."""
+    """The reference receiver (ThreadedReceiver) on a loopback port, with faults enabled."""
 
-    def __init__(self, folder, public_key):
-        self.port = free_port()
+    def __init__(self, folder, public_key, port=None):
+        self.port = port or free_port()
         self.db_path = os.path.join(folder, "province.db")
         self.public_key = public_key
         self.url = "http://127.0.0.1:%d/api/v1" % self.port
-        self.loop = None
-        self.runner = None
+        self.receiver = None
         self.store = None
 
     def start(self):
-        ready = threading.Event()
-
-        def run():
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            self.store = ProvinceStore(self.db_path)
-            self.runner = web.AppRunner(make_app(self.store, [self.public_key], faults=True))
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-            self.loop.run_until_complete(site.start())
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(self.runner.cleanup())
-            self.store.close()
-            self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        self.store = ProvinceStore(self.db_path)
+        self.receiver = ThreadedReceiver(self.store, [self.public_key], port=self.port,
+                                         faults=True).start()
 
     def stop(self):
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.store.close()
+            self.receiver = None
 
     def fault(self, **spec):
         request = urllib.request.Request(self.url.replace("/api/v1", "/_control/faults"),
@@ -255,8 +236,7 @@ def test_province_down_then_back_on_the_same_port(hall, province, signing_key, t
         fw.step()
     assert hall.forwarded() == 0
     assert "unreachable" in hall.store.batch(1)["last_error"]
-    back = Province(str(tmp_path), signing_key.public_key())
-    back.port, back.url = province.port, province.url
+    back = Province(str(tmp_path), signing_key.public_key(), port=province.port)
     back.start()
     try:
         assert _drive(fw, lambda: hall.forwarded() == 12)
