@@ -26,6 +26,9 @@ def _register():
     # Each component owns its group; importing here keeps `pingjia --help` one place.
     from simulator.cli import sim, province
     from agent.cli import agent
+    from hub.cli_admin import register as register_admin
+
+    register_admin(hub, device)
 
     cli.add_command(sim)
     cli.add_command(province)
