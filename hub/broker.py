@@ -375,6 +375,7 @@ class Broker:
         self._stopping = threading.Event()
         self._watcher = None
         self._log_file = None
+        self._owner_fd = None
 
     @property
     def endpoint(self):
@@ -402,9 +403,34 @@ class Broker:
             self._stopping.clear()
             if self.proc is not None and self.proc.poll() is None:
                 return
-            write_broker_files(self.settings)
-            self._spawn()
+            self._claim()
+            try:
+                write_broker_files(self.settings)
+                self._spawn()
+            except BaseException:
+                self._release()
+                raise
             self._wanted = True
+
+    def _claim(self):
+        # One supervisor per broker folder. The kernel drops the lock when its holder dies,
+        # however it dies, so a killed hub never blocks its successor, while two live hubs
+        # on one data dir fail fast instead of killing each other's broker in turn.
+        if self._owner_fd is not None:
+            return
+        os.makedirs(self.files.dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.files.dir, "supervisor.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BrokerError("%s: another hub process supervises this broker" % self.files.dir)
+        self._owner_fd = fd
+
+    def _release(self):
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
     def _spawn(self):
         self._stop_stale()
@@ -507,6 +533,7 @@ class Broker:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
+            self._release()
 
     def reload(self):
         """SIGHUP: mosquitto re-reads the password file and ACL; connected clients whose
@@ -545,8 +572,8 @@ class Broker:
                 if proc is not None:
                     log.warning("broker %d exited with %s; restarting", proc.pid, proc.returncode)
                 try:
-                    self.restarts += 1
                     self._spawn()
+                    self.restarts += 1
                     backoff = interval
                 except (BrokerError, OSError) as exc:
                     # Keep trying, but not in a tight loop (a port held by someone else).
@@ -561,18 +588,31 @@ def _terminate_pid(pid, timeout=5.0):
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _gone(pid):
             return
-        # Our own zombie children would stay "alive" for kill(0); reap if we can.
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
         time.sleep(0.05)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _gone(pid):
+    """True once `pid` has exited. A zombie counts as gone: it holds no port, and its
+    parent (perhaps an init that never reaps) may keep it around."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

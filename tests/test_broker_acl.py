@@ -7,6 +7,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 
 import paho.mqtt.client as mqtt
@@ -309,21 +310,56 @@ def test_supervised_broker_is_restarted_after_being_killed(hall, peers):
     assert broker.restarts == 1
 
 
+HUB_SCRIPT = """
+import sys, time
+from hub.settings import Settings
+from hub.broker import Broker
+broker = Broker(Settings.load(sys.argv[1]))
+broker.start()
+print(broker.pid, flush=True)
+time.sleep(600)
+"""
+
+
 def test_a_new_hub_takes_over_a_broker_left_by_a_killed_one(tmp_path):
     settings = make_settings(tmp_path)
-    orphan = Broker(settings)
-    orphan.start()
+    from conftest import ROOT
+    hub = subprocess.Popen([sys.executable, "-c", HUB_SCRIPT, settings.source], cwd=ROOT,
+                           stdout=subprocess.PIPE, text=True)
     try:
+        orphan_pid = int(hub.stdout.readline())
+        hub.kill()  # SIGKILL: no clean-up runs, the broker (own session) keeps running
+        hub.wait(10)
+        assert running_pid(settings) == orphan_pid
         successor = Broker(settings)
         successor.start()
         try:
-            assert orphan.proc.wait(10) is not None
+            assert successor.pid != orphan_pid
+            assert wait_for(lambda: not _alive(orphan_pid))
             assert successor.is_running() and running_pid(settings) == successor.pid
             assert _connects(settings, "hub", settings.broker.hub_password)
         finally:
             successor.stop()
     finally:
-        orphan.stop()
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait(10)
+        if _alive(orphan_pid):
+            os.kill(orphan_pid, signal.SIGKILL)
+
+
+def _alive(pid):
+    from hub.broker import _gone
+    return not _gone(pid)
+
+
+def test_a_second_live_supervisor_is_refused_without_touching_the_first(hall):
+    settings, broker = hall
+    rival = Broker(settings)
+    with pytest.raises(BrokerError, match="another hub process supervises"):
+        rival.start()
+    assert broker.is_running() and running_pid(settings) == broker.pid
+    assert _connects(settings, "A", "pass-A")
 
 
 def test_start_fails_clearly_when_the_port_is_taken(tmp_path, mosquitto):
