@@ -237,7 +237,8 @@ class Journal:
         if seq != self._next or seq > _U32 or not 0 <= t <= _U32 or n > self._max:
             raise JournalError("bad record: seq %d (next %d), %d bytes" % (seq, self._next, n))
         if self._broken:
-            raise JournalError("journal damaged by a failed write: reopen it")
+            # A flash fault, like the one that caused it: callers treat both alike.
+            raise OSError(5, "journal damaged by a failed write: reopen it")
         need = n + _OVERHEAD
         new = self._new_segment(need)
         if new and len(self._segs) >= self._cap:
@@ -258,8 +259,9 @@ class Journal:
             if new:
                 self._sync_dir()
         except OSError as e:
-            # Part of the record may be in the file, and recovery would cut every later
-            # record along with it: cut back to the last good byte now.
+            # Not stored. Part of the record may be in the file, and recovery would cut
+            # every later record along with it: cut back to the last good byte now, then
+            # let the caller see the flash fault itself.
             try:
                 os.stat(path)
                 self._cut(path, seg[2])
@@ -268,8 +270,8 @@ class Journal:
             except OSError:
                 pass  # never created: nothing to repair
             except JournalError:
-                self._broken = True
-            raise JournalError("vote not stored: %s" % e)
+                self._broken = True  # can_append() says no; reopening recovers
+            raise e
         seg[1] += 1
         seg[2] += need
         self._next = seq + 1

@@ -227,17 +227,20 @@ def test_each_vote_is_one_append_and_one_sync_and_a_failed_one_is_cut_back():
         def sync(f):
             f.flush()
             syncs.append(1)
-            if len(syncs) == 3:
-                raise OSError(5)  # the disk fails on the third vote; the repair works
+            if len(syncs) in (3, 6, 7):
+                raise OSError(5)  # vote 3 fails, its repair works; vote 4 and its repair fail
 
         j = Journal(d, sync=sync)
         _fill(j, 2)
         assert len(syncs) == 2 and len(_file(d, 1)) == 2 * R  # appended, never rewritten
-        assert _raises(JournalError, j.append, 3, 3, b"lost") is JournalError
+        assert _raises(OSError, j.append, 3, 3, b"lost") is OSError  # not stored
         assert j.next_seq == 3 and len(_file(d, 1)) == 2 * R
         j.append(3, 3, b"kept")
+        assert [rec[2] for rec in Journal(d).unacked()] == [b"vote-1", b"vote-2", b"kept"]
+        assert _raises(OSError, j.append, 4, 4, b"x") is OSError and not j.can_append(1)
+        assert _raises(OSError, j.append, 4, 4, b"x") is OSError  # until reopened
         j = Journal(d)
-        assert [rec[2] for rec in j.unacked()] == [b"vote-1", b"vote-2", b"kept"]
-        assert not j.recoveries
+        assert _seqs(j)[:3] == [1, 2, 3] and j.next_seq == _seqs(j)[-1] + 1
+        j.append(j.next_seq, 5, b"y")
     finally:
         _rm(d)
