@@ -242,19 +242,22 @@ def _device_row(settings, device_id):
 
 
 def _check_wifi(wifi):
+    # The same limits the firmware's config loader applies (802.11 / WPA2).
     if wifi is None:
         return None
-    if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid"), str) or not wifi["ssid"]:
-        raise ProvisionError("wifi: needs a non-empty ssid")
-    password = wifi.get("password", "")
-    if not isinstance(password, str):
-        raise ProvisionError("wifi: password must be text")
-    return {"ssid": wifi["ssid"], "password": password}
+    ssid = wifi.get("ssid") if isinstance(wifi, dict) else None
+    if not isinstance(ssid, str) or not 1 <= len(ssid.encode("utf-8")) <= 32:
+        raise ProvisionError("wifi: ssid must be 1-32 bytes")
+    password = wifi.get("password") or ""
+    if not isinstance(password, str) or not (password == "" or 8 <= len(password) <= 64):
+        raise ProvisionError("wifi: password must be empty (open network) or 8-64 characters")
+    return {"ssid": ssid, "password": password}
 
 
 def device_config(provisioned, wifi=None, board=DEFAULT_BOARD):
-    """The device config JSON (as a dict) the firmware reads. TLS material is not in it:
-    the device keeps the CA (and its client certificate) in files of their own."""
+    """The device config JSON (as a dict) the firmware reads (firmware/evaluator/config.py).
+    With TLS it carries the hall CA as `ca`; a client certificate, when issued, is not in
+    it (export_provisioning carries that for flash.sh to store as files)."""
     config = {
         "device_id": provisioned.device_id,
         "key": provisioned.key_hex,
@@ -267,6 +270,8 @@ def device_config(provisioned, wifi=None, board=DEFAULT_BOARD):
         "seq_floor": provisioned.seq_floor,
         "board": board,
     }
+    if provisioned.tls:
+        config["ca"] = provisioned.ca_pem
     wifi = _check_wifi(wifi)
     if wifi is not None:
         config["wifi"] = wifi

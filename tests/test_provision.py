@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 from conftest import ROOT, free_port
 from test_broker_acl import Peer, connect_ok, hub_peer, peers, tls_connack, wait_for  # noqa: F401
-from hub.broker import Broker, BrokerFiles, PasswordFile
+from hub.broker import Broker, BrokerFiles, PasswordFile, write_broker_files
 from hub.cli import cli
-from hub.keys import HallTLS, load_signing_key, public_key_pem
+from hub.keys import (HallTLS, KeysError, ensure_hall_tls, ensure_signing_key, generate_signing_key,
+                      load_signing_key, public_key_hex, public_key_pem)
 from hub.provision import (ProvisionError, Provisioned, add_device, device_config,
                            export_provisioning, list_devices, remove_device)
 from hub.settings import Settings, write_default
@@ -128,11 +129,32 @@ def test_device_config_has_exactly_the_firmware_keys(settings):
     assert (config["device_id"], config["mqtt_user"], config["window"]) == ("D7", "D7", "W07")
     assert (config["tls"], config["seq_floor"], config["board"]) == (False, 0, "board.json")
     json.dumps(config)
-    with_wifi = device_config(p, wifi={"ssid": "hall-net", "password": "pw"}, board="sim.json")
-    assert with_wifi["wifi"] == {"ssid": "hall-net", "password": "pw"}
+    with_wifi = device_config(p, wifi={"ssid": "hall-net", "password": "pw-12345"}, board="sim.json")
+    assert with_wifi["wifi"] == {"ssid": "hall-net", "password": "pw-12345"}
     assert with_wifi["board"] == "sim.json"
-    with pytest.raises(ProvisionError, match="wifi"):
-        device_config(p, wifi={"ssid": ""})
+    for bad in ({"ssid": ""}, {"ssid": "x" * 33}, {"ssid": "hall", "password": "short"}):
+        with pytest.raises(ProvisionError, match="wifi"):
+            device_config(p, wifi=bad)
+
+
+def test_the_firmware_accepts_the_config_provisioning_writes(tmp_path):
+    from firmware.evaluator import config as firmware_config
+    plain = write_default(str(tmp_path / "plain" / "hub.toml"), broker={"port": free_port()})
+    p = add_device(plain, "D8", window="W08")
+    loaded = firmware_config.loads(json.dumps(device_config(p, wifi={"ssid": "hall-net",
+                                                                      "password": "pw-12345"})))
+    assert (loaded.device_id, loaded.key, loaded.hub_port, loaded.tls) == \
+        ("D8", bytes.fromhex(p.key_hex), plain.broker.port, False)
+    assert (loaded.mqtt_user, loaded.mqtt_password, loaded.window) == ("D8", p.mqtt_password, "W08")
+    assert (loaded.wifi_ssid, loaded.wifi_password, loaded.seq_floor) == ("hall-net", "pw-12345", 0)
+    assert p.mqtt_password not in repr(loaded)
+    tls = write_default(str(tmp_path / "tls" / "hub.toml"),
+                        broker={"port": free_port(), "tls_port": free_port()})
+    write_broker_files(tls)  # creates the hall CA
+    t = add_device(tls, "D8")
+    doc = export_provisioning(tls, "D8", provisioned=t)
+    loaded = firmware_config.loads(json.dumps(doc))  # the export loads as a config too
+    assert loaded.tls and loaded.ca == t.ca_pem and loaded.hub_port == tls.broker.tls_port
 
 
 def test_export_writes_a_private_file_and_reexport_rotates_the_broker_password(settings, tmp_path):
@@ -278,13 +300,13 @@ def test_device_commands_through_the_cli(tmp_path):
     run_cli("hub", "init", "--port", str(free_port()), env=env)
     export = str(tmp_path / "D5.json")
     out = run_cli("device", "add", "D5", "--window", "W05", "--export", export, "--wifi-ssid",
-                  "hall", "--wifi-password", "wifi-pw", "--json", env=env)
+                  "hall", "--wifi-password", "wifi-pass", "--json", env=env)
     summary = json.loads(out)
     assert summary["device_id"] == "D5" and summary["window"] == "W05"
     assert summary["export"] == export
     with open(export) as f:
         doc = json.load(f)
-    assert doc["wifi"] == {"ssid": "hall", "password": "wifi-pw"}
+    assert doc["wifi"] == {"ssid": "hall", "password": "wifi-pass"}
     assert doc["key"] not in out and doc["mqtt_password"] not in out
     settings = Settings.load(config)
     assert login_ok(settings, "D5", doc["mqtt_password"])
@@ -295,3 +317,24 @@ def test_device_commands_through_the_cli(tmp_path):
     assert json.loads(run_cli("device", "list", "--json", "--all", env=env))[0]["retired"] is True
     paths = json.loads(run_cli("hub", "broker-config", "--json", env=env))
     assert paths["conf"] == BrokerFiles.for_settings(settings).conf and paths["tls_dir"] is None
+
+
+def test_signing_key_is_private_kept_and_bad_key_files_are_one_line_errors(tmp_path):
+    path = str(tmp_path / "keys" / "hub.pem")
+    key = generate_signing_key(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert len(public_key_hex(key)) == 64
+    with pytest.raises(KeysError, match="already exists"):
+        generate_signing_key(path)
+    assert public_key_pem(ensure_signing_key(path)) == public_key_pem(key)
+    with pytest.raises(KeysError, match="no signing key"):
+        load_signing_key(str(tmp_path / "absent.pem"))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    with pytest.raises(KeysError, match="not an unencrypted PEM private key"):
+        load_signing_key(str(garbage))
+    settings = write_default(str(tmp_path / "hub.toml"), broker={"tls_port": 8883})
+    tls = ensure_hall_tls(settings)
+    with pytest.raises(KeysError, match="not an Ed25519 private key"):
+        load_signing_key(tls.ca_key)
