@@ -14,8 +14,9 @@ AREA_STAFF = "staff"  # a reason about the staff member (工作人员)
 MAX_CATALOGUE = 16  # reasons in one catalogue
 MAX_TTL_S = 3600  # a prompt's ttl in seconds, 1..MAX_TTL_S
 MAX_BATCH = 10000  # `n`, the cases one batch rating covers
-MAX_BITMAP_W = 1024
-MAX_BITMAP_H = 256
+MAX_BITMAP_W = 1024  # the same limits as display.py's blit and hub/bitmaps.py
+MAX_BITMAP_H = 64
+MAX_BITMAP_BYTES = 2048
 
 
 def is_int(value):
@@ -32,7 +33,12 @@ def check_bitmap(bm, name):
     w = bm.get("w")
     h = bm.get("h")
     b = bm.get("b")
-    if not is_int(w) or not is_int(h) or not 0 < w <= MAX_BITMAP_W or not 0 < h <= MAX_BITMAP_H:
+    # isinstance() spelled out (not is_int) so the type checker knows w and h are ints below.
+    if not isinstance(w, int) or isinstance(w, bool) or not 0 < w <= MAX_BITMAP_W:
+        raise codec.CodecError(name + ": bitmap size")
+    if not isinstance(h, int) or isinstance(h, bool) or not 0 < h <= MAX_BITMAP_H:
+        raise codec.CodecError(name + ": bitmap size")
+    if (w + 7) // 8 * h > MAX_BITMAP_BYTES:
         raise codec.CodecError(name + ": bitmap size")
     # Exact padded base64 length of ceil(w/8)*h bytes: a short bitmap would make the screen
     # code read past its end.

@@ -5,7 +5,7 @@
 try:
     from time import ticks_diff as _ticks_diff  # MicroPython: `now` is time.ticks_ms(), which wraps
 except ImportError:  # CPython: a monotonic millisecond count never wraps
-    def _ticks_diff(a, b):
+    def _ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
 
@@ -31,7 +31,7 @@ class Keys:
         self.chords = 0  # polls where several keys went down together: none reported
         self.stuck_events = 0  # times a key became stuck
 
-    def poll(self, now):
+    def poll(self, now: int) -> list:
         """Stars whose key went down (debounced) since the last poll.
 
         The list is reused by the next poll. Several keys going down in the same poll (a palm

@@ -14,7 +14,7 @@ from .reasons import (BACK, SUBMIT, FALLBACK_CV, FALLBACK_REASONS, HINT_MAX_REAS
 try:
     from time import ticks_diff as _ticks_diff  # MicroPython: `now` is time.ticks_ms(), which wraps
 except ImportError:  # CPython: a monotonic millisecond count never wraps
-    def _ticks_diff(a, b):
+    def _ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
 OFF = "OFF"  # nobody signed in at the window: 暂停服务
@@ -66,7 +66,7 @@ class Rating:
         self.changes = 0  # bumps whenever the state changes (view() compares equal otherwise)
 
     # ---- downlinks ----------------------------------------------------------------------
-    def set_context(self, ctx):
+    def set_context(self, ctx: dict) -> bool:
         """Who is signed in at the window. Returns False (counted) for a malformed ctx."""
         if not self._valid(check_context, ctx):
             return False
@@ -78,7 +78,7 @@ class Rating:
         self.changes += 1
         return True
 
-    def set_catalogue(self, cat):
+    def set_catalogue(self, cat: dict) -> bool:
         """The bad-rating indicator catalogue. Returns False (counted) for a malformed one."""
         if not self._valid(check_catalogue, cat):
             return False
@@ -86,7 +86,7 @@ class Rating:
         self.cat = cat
         return True
 
-    def offer(self, prompt, now):
+    def offer(self, prompt: dict, now: int) -> str:
         """A rating prompt: "shown", "busy", "full" or "bad" (malformed or already answered)."""
         self._now = now
         if self.state == THANKS:
@@ -95,7 +95,8 @@ class Rating:
             return "bad"
         pid = prompt["pid"]
         state = self.state
-        if state in (PROMPT, REASONS) and self.prompt["pid"] == pid:
+        shown = self.prompt
+        if state in (PROMPT, REASONS) and shown is not None and shown["pid"] == pid:
             return "shown"  # a QoS 1 redelivery of the prompt on screen: nothing changes
         if state == FULL or (self.full and state in (OFF, IDLE)):
             self.why = "full"
@@ -114,7 +115,7 @@ class Rating:
         self._enter(PROMPT, now)
         return "shown"
 
-    def set_full(self, flag):
+    def set_full(self, flag: bool) -> None:
         """The app's journal has no room (True) or room again (False)."""
         self.full = bool(flag)
         if self.full and self.state in (OFF, IDLE):
@@ -123,7 +124,7 @@ class Rating:
             self._rest()
 
     # ---- the citizen --------------------------------------------------------------------
-    def press(self, stars, now):
+    def press(self, stars: int, now: int) -> dict | None:
         """Key `stars` (1..5) went down. Returns a record for the app to save, or None."""
         if not is_int(stars) or not 1 <= stars <= 5:
             raise ValueError("stars: not 1..5")
@@ -163,14 +164,15 @@ class Rating:
         return None
 
     # ---- the app ------------------------------------------------------------------------
-    def saved(self, ok, now):
+    def saved(self, ok: bool, now: int) -> bool:
         """The app's journal write for the record in SAVING: ok -> THANKS, not ok -> FULL."""
-        if self.state != SAVING:
+        prompt = self.prompt
+        if self.state != SAVING or prompt is None:
             return False  # nothing was handed out: an app bug, ignored
         self._now = now
         unrated = self._kind == codec.KIND_UNRATED
         if ok:
-            self._answered[self._answered_next] = self.prompt["pid"]
+            self._answered[self._answered_next] = prompt["pid"]
             self._answered_next = (self._answered_next + 1) % ANSWERED_MEMORY
             if unrated:
                 self.unrated += 1
@@ -190,7 +192,7 @@ class Rating:
             self._rest()  # FULL after a refusal; nobody to thank for an unrated record
         return True
 
-    def tick(self, now):
+    def tick(self, now: int) -> dict | None:
         """Timeouts. Returns the unrated record of a prompt nobody answered, or None."""
         self._now = now
         return self._expire(now)
@@ -209,7 +211,7 @@ class Rating:
 
     def _finish(self, kind, stars, codes, cv, now):
         served = self._served or {}
-        prompt = self.prompt
+        prompt = self.prompt or {}  # never None here: only PROMPT and REASONS finish
         self._kind = kind
         self.stars = stars
         self._enter(SAVING, now)
@@ -218,7 +220,7 @@ class Rating:
                 "t_ms": now}
 
     # ---- the screen ---------------------------------------------------------------------
-    def view(self):
+    def view(self) -> dict:
         """What the screen must show now; keys documented in docs/rating.md."""
         state = self.state
         busy = state in (PROMPT, REASONS, SAVING)

@@ -92,7 +92,7 @@ class Reasons:
 
     def codes(self):
         # Catalogue order, not the order of choosing: the same choice gives the same record.
-        out = []
+        out = []  # type: list[str]
         for i in range(len(self.entries)):
             if self._picked[i]:
                 out.append(self.entries[i]["c"])
