@@ -13,7 +13,7 @@ try:
     from micropython import const
 except ImportError:  # CPython
 
-    def const(x):
+    def const(x):  # type: ignore[misc]
         return x
 
 
@@ -26,6 +26,7 @@ _FMT = "<BHII"
 _TMP = "cut.tmp"
 
 _fsync = getattr(os, "fsync", None)
+_open = getattr(os, "open", None)  # CPython: a directory is fsynced through a descriptor
 # MicroPython has no os.replace; its rename already replaces (POSIX and LittleFS).
 _replace = getattr(os, "replace", os.rename)
 
@@ -120,14 +121,16 @@ class Journal:
     def _sync_dir(self):
         # A new or renamed file is durable only once its directory entry is (POSIX).
         # LittleFS commits metadata atomically, and MicroPython has no fsync anyway.
+        if _open is None or _fsync is None:
+            return
         try:
-            fd = os.open(self._dir, os.O_RDONLY)
-        except (AttributeError, OSError):
-            return  # no os.open (MicroPython), or a platform that cannot open directories
+            fd = _open(self._dir, getattr(os, "O_RDONLY", 0))
+        except OSError:
+            return  # a platform that cannot open directories
         try:
             _fsync(fd)
         finally:
-            os.close(fd)
+            getattr(os, "close")(fd)
 
     def _recover(self, floor):
         firsts = []
