@@ -1,0 +1,72 @@
+# Draws screens under the MicroPython unix port and dumps the raw framebuffers.
+# Usage (from the repo root):
+#   micropython -X heapsize=64K tests/mp_display/draw_screens.py CASES OUT [MODULE_DIR]
+# CASES holds one JSON file per case: {"name", "driver": "plain"|"ssd1306", "w", "h",
+# "view": rating view, "nows": [ms, ...]}. For each case OUT/<name>.bin gets one raw
+# framebuffer per `now`, and one JSON line goes to stdout with the frame count, the
+# format, the draw() results and heap figures: "used" is the highest gc.mem_alloc() seen
+# right after a draw (live data plus garbage not yet collected), "held" what stays after a
+# collection, "peak" micropython.mem_peak() (which over-counts: it never sees what the
+# GC frees).
+import gc
+import json
+import os
+import sys
+
+# The compiled firmware modules (argv[3]) as a device has them; the sources otherwise.
+sys.path.insert(0, sys.argv[3] if len(sys.argv) > 3 else "firmware")
+
+import framebuf  # noqa: E402
+import micropython  # noqa: E402
+
+import display  # noqa: E402
+import screens  # noqa: E402
+
+
+class _NullI2C:
+    def writeto(self, addr, buf):
+        pass
+
+    def writevto(self, addr, bufs):
+        pass
+
+
+_displays = {}
+
+
+def _display(driver, w, h):
+    # One framebuffer per panel kind, allocated once and reused, as on the device.
+    key = (driver, w, h)
+    if key not in _displays:
+        if driver == "ssd1306":
+            _displays[key] = display.SSD1306(_NullI2C(), width=w, height=h)
+        else:
+            _displays[key] = display.Display(w, h)
+    return _displays[key]
+
+
+def main():
+    cases, out = sys.argv[1], sys.argv[2]
+    for fname in sorted(os.listdir(cases)):
+        if not fname.endswith(".json"):
+            continue
+        with open(cases + "/" + fname) as f:
+            case = json.load(f)
+        fb = _display(case.get("driver", "plain"), case["w"], case["h"])
+        moving = []
+        used = 0
+        with open(out + "/" + case["name"] + ".bin", "wb") as f:
+            for now in case["nows"]:
+                moving.append(screens.draw(fb, case["view"], now))
+                used = max(used, gc.mem_alloc())
+                fb.show()
+                f.write(fb.buffer)
+        fmt = "MONO_VLSB" if fb.fmt == framebuf.MONO_VLSB else "MONO_HLSB"
+        case = None
+        gc.collect()
+        print(json.dumps({"name": fname[:-5], "frames": len(moving), "fmt": fmt,
+                          "moving": moving, "used": used, "held": gc.mem_alloc(),
+                          "peak": micropython.mem_peak(), "free": gc.mem_free()}))
+
+
+main()
