@@ -47,7 +47,7 @@ class Rating:
         self.prompt = None  # the prompt on screen (PROMPT, REASONS, SAVING)
         self._served = None  # ctx when the prompt was shown: the staff who served
         self._ttl_ms = prompt_timeout_ms
-        self.stars = 0  # 1 or 2 while reasons are chosen; the record's stars in SAVING
+        self.stars = 0  # 1 or 2 while reasons are chosen; the record's stars in SAVING and THANKS
         self.reasons = Reasons()
         self._kind = ""  # kind of the record in SAVING
         self._since = 0  # when the running timeout started
@@ -184,7 +184,6 @@ class Rating:
             self.full = True
         self.prompt = None
         self._served = None
-        self.stars = 0
         self.reasons.close()
         if ok and not unrated:
             self._enter(THANKS, now)
@@ -270,6 +269,7 @@ class Rating:
 
     def _rest(self):
         # Where the device goes when no citizen is busy with it.
+        self.stars = 0
         if self.full:
             state = FULL
         elif self.ctx and self.ctx.get("sn"):

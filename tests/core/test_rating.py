@@ -160,8 +160,10 @@ def test_good_rating_submits_at_once_and_thanks_only_after_the_durable_write():
         assert r.state == SAVING  # no timeout: only the journal decides
         assert r.saved(True, 100000)
         assert r.state == THANKS and r.votes == 1
+        assert r.view()["stars"] == stars  # the thanks screen may echo the rating
+        assert r.view()["prompt"] is None
         r.tick(102999)
         assert r.state == THANKS
         r.tick(103000)
         assert r.state == IDLE
-        assert r.view()["prompt"] is None
+        assert r.view()["stars"] == 0
