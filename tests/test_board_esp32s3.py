@@ -8,8 +8,8 @@ from conftest import ROOT
 
 
 def _check(micropython, tmp_path, *args):
-    proc = subprocess.run([micropython, "tests/fake_esp32/board_check.py", str(tmp_path)] + list(args),
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    cmd = [micropython, "tests/fake_esp32/board_check.py", str(tmp_path)] + list(args)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -87,7 +87,8 @@ def test_the_check_catches_apis_the_device_does_not_have(stubs, tmp_path):
     proc = run_mypy(stubs, "wrong.py", cwd=str(tmp_path))
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
-    assert 'wrong.py:3: error: Cannot find implementation or library stub for module named "sqlite3"' in out
+    assert ('wrong.py:3: error: Cannot find implementation or library stub for module named'
+            ' "sqlite3"') in out
     assert 'wrong.py:4: error: Module has no attribute "monotonic"' in out
     assert 'wrong.py:6: error: "Pin" has no attribute "toggle_twice"' in out
     assert "wrong.py:7: error:" in out

@@ -1,4 +1,5 @@
-# Device config: defaults, validation messages naming the field, secrets never shown; CPython and MicroPython.
+# Device config: defaults, validation messages naming the field, secrets never shown.
+# Runs under CPython (pytest) and MicroPython (tests/core/run.py).
 import json
 import os
 

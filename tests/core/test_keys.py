@@ -1,4 +1,5 @@
-# Star keys over fake pins: debounce, one press per push, chords, stuck keys; CPython and MicroPython.
+# Star keys over fake pins: debounce, one press per push, chords, stuck keys.
+# Runs under CPython (pytest) and MicroPython (tests/core/run.py).
 from evaluator.keys import Keys
 
 

@@ -80,7 +80,8 @@ def test_malformed_prompts_are_refused_as_bad_and_counted():
     r = Rating()
     r.set_context(s.ctx())
     bads = [None, [], {"kind": "ji"}, s.prompt(pid=""), s.prompt(pid="P 1"), s.prompt(kind="zz"),
-            s.prompt(n=0), s.prompt(n=True), s.prompt(ttl=0), s.prompt(ttl=3601), s.prompt(ttl="60"),
+            s.prompt(n=0), s.prompt(n=True), s.prompt(ttl=0), s.prompt(ttl=3601),
+            s.prompt(ttl="60"),
             s.prompt(case="案"), dict(s.prompt(), item={"w": 96, "h": 16, "b": "AAAA"}),
             dict(s.prompt(), item="bitmap")]
     for bad in bads:

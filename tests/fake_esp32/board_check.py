@@ -22,7 +22,8 @@ machine.cause[0] = machine.WDT_RESET
 spec = esp32s3.load_spec("hardware/boards/esp32s3-evaluator.json")
 board = esp32s3.Board(spec)
 out = {"name": board.name, "key_active": board.key_active}
-out["keys"] = sorted([[stars, pin.id, pin.mode, pin.pull] for stars, pin in board.keys_pins.items()])
+out["keys"] = sorted([[stars, pin.id, pin.mode, pin.pull]
+                      for stars, pin in board.keys_pins.items()])
 disp = board.display
 out["display"] = [type(disp).__name__, disp.width, disp.height]
 out["spi"] = [m for m in machine.made if m[0] == "spi"]
