@@ -113,7 +113,7 @@ def generate(renderer=None):
     out.append("")
     out.append("# Built-in reasons (evaluator.rating.FALLBACK_REASONS) by code; they carry no bitmap.")
     names = []
-    for entry in getattr(rating, "FALLBACK_REASONS", ()):
+    for entry in rating.FALLBACK_REASONS:
         name = "REASON_" + entry["c"].replace("-", "_").replace(".", "_").replace(":", "_")
         emit(name, entry["label"], REASON_HEIGHT, 1)
         names.append((entry["c"], name))

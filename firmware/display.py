@@ -11,7 +11,7 @@ from binascii import a2b_base64
 try:
     from micropython import const
 except ImportError:  # CPython type checkers and linters
-    def const(x):
+    def const(x):  # type: ignore[misc]
         return x
 
 # Wire bitmap limits; hub/bitmaps.py enforces the same before sending.

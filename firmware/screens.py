@@ -14,14 +14,16 @@
 try:
     from time import ticks_diff
 except ImportError:  # CPython type checkers
-    def ticks_diff(a, b):
+    def ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
 try:
     from micropython import const
 except ImportError:
-    def const(x):
+    def const(x):  # type: ignore[misc]
         return x
+
+import framebuf
 
 import ui_text as T
 from display import blit_bitmap, blit_ui, load_bitmap
@@ -107,15 +109,18 @@ def _text_scroll(fb, s, x, y, max_chars, now, slot):
     return _text(fb, s[first:first + max_chars], x, y)
 
 
-def _star(fb, cx, cy, c=1):
-    # A 7x7 star for narrow screens, where the level labels do not fit.
-    fb.vline(cx, cy - 3, 7, c)
-    fb.hline(cx - 3, cy - 1, 7, c)
-    fb.hline(cx - 1, cy, 3, c)
-    fb.pixel(cx - 2, cy + 1, c)
-    fb.pixel(cx + 2, cy + 1, c)
-    fb.pixel(cx - 3, cy + 2, c)
-    fb.pixel(cx + 3, cy + 2, c)
+# A 9x9 star, in the (buffer, w, h, format) form blit() takes without copying.
+_STAR = (b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\x00",
+         9, 9, framebuf.MONO_HLSB)
+# Palette that draws ink as 0: a star on a lit (inverted) background.
+_DARK = framebuf.FrameBuffer(bytearray(1), 2, 1, framebuf.MONO_HLSB)
+
+
+def _star(fb, x, y, c=1):
+    if c:
+        fb.blit(_STAR, x, y, 0)
+    else:
+        fb.blit(_STAR, x, y, 0, _DARK)
 
 
 def _key_row(fb, labels, y, chosen=-1):
@@ -140,7 +145,7 @@ def _pips(fb, y, chosen):
             fb.fill_rect(centre - 12, y - 1, 24, 12, 1)
         c = 0 if i == chosen else 1
         _text(fb, str(5 - i), centre - 10, y + 2, c)
-        _star(fb, centre + 5, y + 5, c)
+        _star(fb, centre + 1, y + 1, c)
 
 
 def _bitmap_or_text(fb, bm, fallback, x, y):
@@ -393,7 +398,18 @@ def _hint(hint):
 
 def draw_thanks(fb, view, now):
     t = T.THANKS
-    blit_ui(fb, t, _centre_x(fb, t[1]), (fb.height - t[2]) // 2)
+    stars = view.get("stars") or 0
+    if not 1 <= stars <= 5:
+        blit_ui(fb, t, _centre_x(fb, t[1]), (fb.height - t[2]) // 2)
+        return False
+    # The level just recorded, under the thanks: the citizen sees what went in.
+    blit_ui(fb, t, _centre_x(fb, t[1]), 8)
+    label = T.LEVELS[5 - stars]
+    x = _centre_x(fb, label[1] + 8 + 11 * stars)
+    x += blit_ui(fb, label, x, 44)[0] + 8
+    for i in range(stars):
+        _star(fb, x + 11 * i, 45)
+    return False
 
 
 def draw_full(fb, view, now):

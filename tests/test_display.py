@@ -628,10 +628,15 @@ def test_saving_marks_the_chosen_level(screens):
 
 
 @needs_font
-def test_thanks(screens):
-    px = screens["thanks"]["frames"][0]
+def test_thanks_names_the_level_recorded(screens):
+    res = screens["thanks"]
+    px, stars = res["frames"][0], res["view"]["stars"]
     t = ui_text.THANKS
-    assert find_in_rows(px, ui_grid(t), (64 - t[2]) // 2) == [(256 - t[1]) // 2]
+    if stars:  # the record's stars stay in the view while THANKS shows
+        assert find_in_rows(px, ui_grid(t), 8) == [(256 - t[1]) // 2]
+        assert find_in_rows(px, ui_grid(ui_text.LEVELS[5 - stars]), 44)
+    else:
+        assert find_in_rows(px, ui_grid(t), (64 - t[2]) // 2) == [(256 - t[1]) // 2]
 
 
 @needs_font
