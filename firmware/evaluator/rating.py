@@ -4,7 +4,7 @@
 # durable in the journal and only then reports back with saved(): "thank you" never shows
 # for a vote that is not on flash (DESIGN.md guarantee 1). docs/rating.md is the reference.
 # The reasons screen lives in reasons.py and the downlink checks in downlink.py (small
-# modules also keep the source compilable inside a 64 KB heap).
+# modules also compile from source inside a 64 KB heap, for boards loaded with .py files).
 from . import codec
 from .downlink import KIND_CN_ACC, check_catalogue, check_context, check_prompt, is_int
 from .reasons import (BACK, SUBMIT, FALLBACK_CV, FALLBACK_REASONS, HINT_MAX_REASONS,  # noqa: F401
