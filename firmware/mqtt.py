@@ -104,7 +104,11 @@ def decode_length(buf, offset=0):
 def _raw(value):
     if isinstance(value, str):
         return value.encode()
-    return bytes(value)
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise MQTTError("expected str or bytes")  # bytes(5) would quietly send 5 zero bytes
 
 
 def _string(value, what):
@@ -364,7 +368,10 @@ class MQTTClient:
         while not self._stopping:
             try:
                 await self._open_and_connect()
-            except (OSError, asyncio.TimeoutError, MalformedPacket) as exc:
+            except Exception as exc:  # noqa: BLE001
+                # The arguments were checked in __init__, so whatever fails here is the
+                # link: refused, timed out, a bad CONNACK, or a TLS error (MicroPython's
+                # TLS raises ValueError, not OSError). Count it and try again later.
                 self.connect_failures += 1
                 self.last_fault = _why(exc)
                 self._end_link()
@@ -553,9 +560,12 @@ class MQTTClient:
                 if tail:
                     writer.write(tail)
                 await writer.drain()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001
                 self._fail(exc, gen)
-                raise
+                if isinstance(exc, OSError):
+                    raise
+                # e.g. a TLS error, a ValueError on MicroPython: to the caller it is the link
+                raise OSError(errno.ECONNRESET, _why(exc))
             self._last_tx = ticks_ms()
 
     def _arm(self, kind, pid):

@@ -126,6 +126,8 @@ def test_publish_caller_mistakes_are_refused():
     _raises(mqtt.MQTTError, mqtt.publish_packet, "a", b"", 1, False, False, 0)
     _raises(mqtt.MQTTError, mqtt.publish_packet, "a", b"", 1, False, False, 65536)
     _raises(mqtt.MQTTError, mqtt.publish_packet, "a", b"", 0, False, True, 0)
+    _raises(mqtt.MQTTError, mqtt.publish_packet, "a", 5)  # not 5 zero bytes
+    assert mqtt.publish_packet("a", bytearray(b"x")) == b"\x30\x04\x00\x01ax"
 
 
 def test_malformed_publish_is_rejected():
