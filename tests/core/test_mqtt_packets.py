@@ -1,13 +1,101 @@
 # MQTT 3.1.1 packets from firmware/mqtt.py, byte for byte against hand-computed bytes
 # (section numbers are from the OASIS MQTT 3.1.1 spec); runs under CPython and MicroPython.
-import sys
-
 import mqtt
 
-# The broker's half of the protocol lives with the test scripts, not on the device.
-sys.path.append(__file__.rsplit("/", 2)[0] + "/mqtt_scripts")
-from broker_side import (connack_packet, decode_connect, decode_subscribe,  # noqa: E402
-                         split_packet, suback_packet)
+
+# The broker's half of the protocol -- framing a byte stream, decoding what a client sends,
+# encoding what a broker sends -- lives here, for the round trips; the device never needs it.
+
+def split_packet(buf):
+    """(first byte, body, bytes used) of the first whole packet in buf, or None if partial."""
+    if len(buf) < 2:
+        return None
+    try:
+        length, start = mqtt.decode_length(buf, 1)
+    except mqtt.MalformedPacket:
+        if len(buf) < 5:  # the length bytes themselves have not all arrived
+            return None
+        raise
+    if len(buf) < start + length:
+        return None
+    return buf[0], bytes(buf[start:start + length]), start + length
+
+
+class _Cursor:
+    # Reads length-prefixed fields from a packet body; every overrun is a MalformedPacket.
+    def __init__(self, body):
+        self.body = body
+        self.pos = 0
+
+    def take(self, n):
+        if self.pos + n > len(self.body):
+            raise mqtt.MalformedPacket("field runs past the end of the packet")
+        part = self.body[self.pos:self.pos + n]
+        self.pos += n
+        return part
+
+    def u16(self):
+        part = self.take(2)
+        return (part[0] << 8) | part[1]
+
+    def blob(self):
+        return bytes(self.take(self.u16()))
+
+    def text(self):
+        try:
+            return self.blob().decode()
+        except UnicodeError:
+            raise mqtt.MalformedPacket("string is not UTF-8")
+
+
+def decode_connect(body):
+    """CONNECT body -> dict(client_id, keepalive, clean_session, will, user, password)."""
+    cur = _Cursor(body)
+    if cur.blob() != b"MQTT" or cur.take(1)[0] != 4:
+        raise mqtt.MalformedPacket("not MQTT 3.1.1")
+    flags = cur.take(1)[0]
+    if flags & 0x01:
+        raise mqtt.MalformedPacket("reserved connect flag set")
+    keepalive = cur.u16()
+    client_id = cur.text()
+    will = None
+    if flags & 0x04:
+        w_topic = cur.text()
+        will = (w_topic, cur.blob(), (flags >> 3) & 3, bool(flags & 0x20))
+    elif flags & 0x38:
+        raise mqtt.MalformedPacket("will qos/retain without a will")
+    user = cur.text() if flags & 0x80 else None
+    password = cur.blob() if flags & 0x40 else None
+    if cur.pos != len(body):
+        raise mqtt.MalformedPacket("bytes after the connect payload")
+    return {"client_id": client_id, "keepalive": keepalive,
+            "clean_session": bool(flags & 0x02), "will": will,
+            "user": user, "password": password}
+
+
+def connack_packet(session_present, code):
+    return bytes((mqtt.CONNACK, 2, 1 if session_present else 0, code))
+
+
+def decode_subscribe(body):
+    """SUBSCRIBE body -> (pid, [(topic filter, qos), ...])."""
+    cur = _Cursor(body)
+    pid = cur.u16()
+    wanted = []
+    while cur.pos < len(body):
+        topic = cur.text()
+        qos = cur.take(1)[0]
+        if qos > 2:
+            raise mqtt.MalformedPacket("bad requested qos")
+        wanted.append((topic, qos))
+    if not pid or not wanted:
+        raise mqtt.MalformedPacket("bad SUBSCRIBE")
+    return pid, wanted
+
+
+def suback_packet(pid, codes):
+    body = bytes((pid >> 8, pid & 0xFF)) + bytes(codes)
+    return bytes((mqtt.SUBACK,)) + mqtt.encode_length(len(body)) + body
 
 
 def _raises(kind, fn, *args):
