@@ -84,29 +84,30 @@ class Display(framebuf.FrameBuffer):
 # groups of 4 pixels; 256-pixel panels are wired to the middle, columns 28..91.
 _SSD1322_COL0 = const(28)
 
-# (command, parameters...). The SSD1322 takes a command byte with D/C low and its
-# parameters as data with D/C high (unlike the SSD1306).
+# The SSD1322 takes a command byte with D/C low and its parameters as data with D/C high
+# (unlike the SSD1306). Encoded as bytes (parameter count, command, parameters...) so the
+# sequence stays in flash instead of becoming tuples on the heap.
 _SSD1322_INIT = (
-    (0xFD, 0x12),  # unlock the command interface
-    (0xAE,),  # display off while configuring
-    (0xB3, 0x91),  # clock divider / oscillator frequency
-    (0xCA, 0x3F),  # multiplex ratio: 64 rows
-    (0xA2, 0x00),  # display offset 0
-    (0xA1, 0x00),  # start line 0
-    (0xA0, 0x14, 0x11),  # horizontal increment, nibble remap, COM scan down, dual COM
-    (0xB5, 0x00),  # GPIO pins unused
-    (0xAB, 0x01),  # internal VDD regulator
-    (0xB4, 0xA0, 0xFD),  # enhancement A: external VSL, better low-gray quality
-    (0xC1, 0x9F),  # contrast current
-    (0xC7, 0x0F),  # master current: full
-    (0xB9,),  # default linear gray table
-    (0xB1, 0xE2),  # phase 1 / phase 2 lengths
-    (0xD1, 0x82, 0x20),  # enhancement B
-    (0xBB, 0x1F),  # pre-charge voltage
-    (0xB6, 0x08),  # second pre-charge period
-    (0xBE, 0x07),  # VCOMH
-    (0xA6,),  # normal (not inverted) display
-    (0xA9,),  # exit partial display
+    b"\x01\xfd\x12"  # unlock the command interface
+    b"\x00\xae"  # display off while configuring
+    b"\x01\xb3\x91"  # clock divider / oscillator frequency
+    b"\x01\xca\x3f"  # multiplex ratio: 64 rows
+    b"\x01\xa2\x00"  # display offset 0
+    b"\x01\xa1\x00"  # start line 0
+    b"\x02\xa0\x14\x11"  # horizontal increment, nibble remap, COM scan down, dual COM
+    b"\x01\xb5\x00"  # GPIO pins unused
+    b"\x01\xab\x01"  # internal VDD regulator
+    b"\x02\xb4\xa0\xfd"  # enhancement A: external VSL, better low-gray quality
+    b"\x01\xc1\x9f"  # contrast current
+    b"\x01\xc7\x0f"  # master current: full
+    b"\x00\xb9"  # default linear gray table
+    b"\x01\xb1\xe2"  # phase 1 / phase 2 lengths
+    b"\x02\xd1\x82\x20"  # enhancement B
+    b"\x01\xbb\x1f"  # pre-charge voltage
+    b"\x01\xb6\x08"  # second pre-charge period
+    b"\x01\xbe\x07"  # VCOMH
+    b"\x00\xa6"  # normal (not inverted) display
+    b"\x00\xa9"  # exit partial display
 )
 
 
@@ -129,6 +130,7 @@ class SSD1322(Display):
         self.col0 = col0
         self._row = bytearray(width // 2)
         self._cmdbuf = bytearray(1)
+        self._params = bytearray(2)
         self._lut = bytearray(4)
         self.set_level(level)
         cs(1)
@@ -161,14 +163,24 @@ class SSD1322(Display):
         self.cs(0)
         self._cmdbuf[0] = cmd
         self.spi.write(self._cmdbuf)
-        if params:
+        if params is not None and len(params):
             self.dc(1)
             self.spi.write(params)
         self.cs(1)
 
+    def _command2(self, cmd, a, b):
+        params = self._params
+        params[0] = a
+        params[1] = b
+        self._command(cmd, params)
+
     def _send_init(self):
-        for entry in _SSD1322_INIT:
-            self._command(entry[0], bytes(entry[1:]))
+        seq = memoryview(_SSD1322_INIT)
+        i = 0
+        while i < len(seq):
+            n = seq[i]
+            self._command(seq[i + 1], seq[i + 2:i + 2 + n])
+            i += 2 + n
         self._flush()
         self._command(0xAF)  # display on, after the RAM holds a clean frame
 
@@ -183,13 +195,14 @@ class SSD1322(Display):
         return self._guard(self._command, 0xAF)
 
     def contrast(self, value):
-        return self._guard(self._command, 0xC1, bytes((value & 0xFF,)))
+        self._params[0] = value & 0xFF
+        return self._guard(self._command, 0xC1, memoryview(self._params)[:1])
 
     def _flush(self):
         w = self.width
         last_col = self.col0 + w // 4 - 1
-        self._command(0x15, bytes((self.col0, last_col)))
-        self._command(0x75, bytes((0, self.height - 1)))
+        self._command2(0x15, self.col0, last_col)
+        self._command2(0x75, 0, self.height - 1)
         self._command(0x5C)  # the data that follows fills RAM left to right, top down
         src = self.buffer
         row = self._row
@@ -214,21 +227,21 @@ class SSD1322(Display):
 
 
 _SSD1306_INIT = (
-    0xAE,  # display off
-    0x20, 0x00,  # horizontal addressing: one burst fills the whole RAM
-    0x40,  # start line 0
-    0xA1,  # column 127 is SEG0 (the usual module orientation)
-    0xA8, 0x3F,  # multiplex 64
-    0xC8,  # COM scan from COM[N-1]
-    0xD3, 0x00,  # display offset 0
-    0xDA, 0x12,  # alternative COM pin configuration (64-row modules)
-    0xD5, 0x80,  # clock divide ratio / oscillator
-    0xD9, 0xF1,  # pre-charge, internal charge pump
-    0xDB, 0x30,  # VCOMH deselect level
-    0x81, 0xCF,  # contrast
-    0xA4,  # output follows RAM
-    0xA6,  # not inverted
-    0x8D, 0x14,  # charge pump on
+    b"\xae"  # display off
+    b"\x20\x00"  # horizontal addressing: one burst fills the whole RAM
+    b"\x40"  # start line 0
+    b"\xa1"  # column 127 is SEG0 (the usual module orientation)
+    b"\xa8\x3f"  # multiplex 64
+    b"\xc8"  # COM scan from COM[N-1]
+    b"\xd3\x00"  # display offset 0
+    b"\xda\x12"  # alternative COM pin configuration (64-row modules)
+    b"\xd5\x80"  # clock divide ratio / oscillator
+    b"\xd9\xf1"  # pre-charge, internal charge pump
+    b"\xdb\x30"  # VCOMH deselect level
+    b"\x81\xcf"  # contrast
+    b"\xa4"  # output follows RAM
+    b"\xa6"  # not inverted
+    b"\x8d\x14"  # charge pump on
 )
 
 
@@ -321,18 +334,18 @@ def blit_bitmap(fb, bm, x, y, invert=False):
     """Draw a wire bitmap at (x, y): ink only, or (invert) ink dark on a lit box.
 
     Anything outside fb is clipped by framebuf; callers that scroll pass a negative x.
-    Returns the bitmap's (w, h).
+    Returns the bitmap's width (an int: a tuple would be a heap allocation per call).
     """
     src = load_bitmap(bm)
     if invert:
         fb.blit(src, x, y, -1, _INVERT)
     else:
         fb.blit(src, x, y, 0)  # key 0: paper is transparent, ink is drawn
-    return bm["w"], bm["h"]
+    return bm["w"]
 
 
 def blit_ui(fb, text, x, y, invert=False):
-    """Draw a ui_text constant at (x, y); returns its (w, h).
+    """Draw a ui_text constant at (x, y); returns its width.
 
     A ui_text constant is already the (buffer, w, h, format) tuple framebuf.blit() accepts,
     and blit reads such a buffer without needing it writable: no copy, no allocation.
@@ -341,4 +354,4 @@ def blit_ui(fb, text, x, y, invert=False):
         fb.blit(text, x, y, -1, _INVERT)
     else:
         fb.blit(text, x, y, 0)
-    return text[1], text[2]
+    return text[1]

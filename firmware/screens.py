@@ -71,16 +71,26 @@ def _elapsed(slot, key, now):
     return ticks_diff(now, _scroll[slot + 1])
 
 
-def _spread(widths, total, gap):
-    """x of each label, centred over evenly spaced keys, pushed apart to `gap`; or None."""
+# Label positions over the keys, filled in place: drawing allocates nothing for them.
+_KEYS = const(5)
+_WIDTHS = [0] * _KEYS
+_XS = [0] * _KEYS
+
+
+def _spread(widths, total, gap, xs=_XS):
+    """x of each label, centred over evenly spaced keys, pushed apart to `gap`.
+
+    Fills and returns xs, or returns None when the labels cannot fit side by side.
+    """
     n = len(widths)
-    need = sum(widths) + gap * (n - 1)
+    need = gap * (n - 1)
+    for w in widths:
+        need += w
     if need > total:
         return None
-    xs = []
     for i in range(n):
         centre = (2 * i + 1) * total // (2 * n)
-        xs.append(min(max(0, centre - widths[i] // 2), total - widths[i]))
+        xs[i] = min(max(0, centre - widths[i] // 2), total - widths[i])
     for i in range(1, n):  # push right where a label runs into its left neighbour
         least = xs[i - 1] + widths[i - 1] + gap
         if xs[i] < least:
@@ -90,6 +100,26 @@ def _spread(widths, total, gap):
         if xs[i] > most:
             xs[i] = most
     return xs
+
+
+def _digits(n):
+    count = 1
+    while n >= 10:
+        n //= 10
+        count += 1
+    return count
+
+
+def _number(fb, n, x, y, c=1):
+    """Draw a non-negative int in the 8x8 font without building a string; returns x after."""
+    x += 8 * _digits(n)
+    end = x
+    while True:
+        x -= 8
+        fb.text("0123456789"[n % 10], x, y, c)
+        n //= 10
+        if not n:
+            return end
 
 
 def _text(fb, s, x, y, c=1):
@@ -116,6 +146,11 @@ _STAR = (b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\
 _DARK = framebuf.FrameBuffer(bytearray(1), 2, 1, framebuf.MONO_HLSB)
 
 
+def _seconds(fb, n, x, y):
+    # "57s": the seconds left before the prompt ends unrated.
+    fb.text("s", _number(fb, n, x, y), y, 1)
+
+
 def _star(fb, x, y, c=1):
     if c:
         fb.blit(_STAR, x, y, 0)
@@ -125,7 +160,9 @@ def _star(fb, x, y, c=1):
 
 def _key_row(fb, labels, y, chosen=-1):
     """The labels over the five keys; label `chosen` (index) drawn inverted."""
-    widths = [t[1] for t in labels]
+    widths = _WIDTHS
+    for i in range(_KEYS):
+        widths[i] = labels[i][1]
     xs = _spread(widths, fb.width, 4)
     if xs is None:
         _pips(fb, y, chosen)
@@ -144,14 +181,14 @@ def _pips(fb, y, chosen):
         if i == chosen:
             fb.fill_rect(centre - 12, y - 1, 24, 12, 1)
         c = 0 if i == chosen else 1
-        _text(fb, str(5 - i), centre - 10, y + 2, c)
+        _number(fb, 5 - i, centre - 10, y + 2, c)
         _star(fb, centre + 1, y + 1, c)
 
 
 def _bitmap_or_text(fb, bm, fallback, x, y):
     """Draw a hub bitmap, or the ASCII fallback (an id) when the hub sent none."""
     if bm is not None:
-        return x + blit_bitmap(fb, bm, x, y)[0]
+        return x + blit_bitmap(fb, bm, x, y)
     return _text(fb, fallback, x, y + _TEXT_Y_GAP)
 
 
@@ -159,10 +196,10 @@ def _staff(fb, ctx, x, y):
     """Staff name, 工号 and number on a 16 px row from x; returns the x after it."""
     name = ctx.get("name")
     if name is not None:
-        x += blit_bitmap(fb, name, x, y)[0] + 6
+        x += blit_bitmap(fb, name, x, y) + 6
     sn = ctx.get("sn") or ""
     if sn:
-        x += blit_ui(fb, T.STAFF_NO, x, y + _LABEL_Y_GAP)[0] + 2
+        x += blit_ui(fb, T.STAFF_NO, x, y + _LABEL_Y_GAP) + 2
         x = _text(fb, sn, x, y + _TEXT_Y_GAP)
     return x
 
@@ -188,7 +225,7 @@ def _window(fb, ctx, y):
     w_id = ctx.get("w") or ""
     if win is None and not w_id:
         return False
-    x = blit_ui(fb, T.WINDOW, 0, y + _LABEL_Y_GAP)[0] + 4
+    x = blit_ui(fb, T.WINDOW, 0, y + _LABEL_Y_GAP) + 4
     _bitmap_or_text(fb, win, w_id, x, y)
     return True
 
@@ -229,13 +266,13 @@ def _item_row(fb, view, now):
 
 
 def _batch_width(n):
-    return T.BATCH_OPEN[1] + 2 + 8 * len(str(n)) + 2 + T.BATCH_CLOSE[1]
+    return T.BATCH_OPEN[1] + 2 + 8 * _digits(n) + 2 + T.BATCH_CLOSE[1]
 
 
 def _batch(fb, n, x, y):
-    x += blit_ui(fb, T.BATCH_OPEN, x, y + _LABEL_Y_GAP)[0] + 2
-    x = _text(fb, str(n), x, y + _TEXT_Y_GAP) + 2
-    return x + blit_ui(fb, T.BATCH_CLOSE, x, y + _LABEL_Y_GAP)[0]
+    x += blit_ui(fb, T.BATCH_OPEN, x, y + _LABEL_Y_GAP) + 2
+    x = _number(fb, n, x, y + _TEXT_Y_GAP) + 2
+    return x + blit_ui(fb, T.BATCH_CLOSE, x, y + _LABEL_Y_GAP)
 
 
 def draw_prompt(fb, view, now, saving=False):
@@ -251,15 +288,15 @@ def draw_prompt(fb, view, now, saving=False):
     batch_w = _batch_width(n) + 6 if n > 1 else 0
     staff_w = _width_of_staff(ctx)
     left_s = view.get("left_s")
-    left = ""
+    left_w = 0
     if left_s is not None and not saving:
-        left = str(left_s) + "s"
-        if staff_w + batch_w + 8 * len(left) + 6 > W:
-            left = ""
+        left_w = 8 * (_digits(left_s) + 1)
+        if staff_w + batch_w + left_w + 6 > W:
+            left_w = 0
     right = W
-    if left:
-        right -= 8 * len(left)
-        _text(fb, left, right, y2 + _TEXT_Y_GAP)
+    if left_w:
+        right -= left_w
+        _seconds(fb, left_s, right, y2 + _TEXT_Y_GAP)
         right -= 6
     if batch_w:
         right -= batch_w
@@ -287,7 +324,7 @@ def draw_prompt(fb, view, now, saving=False):
     if case:
         x = 0
         if note is None:
-            x = blit_ui(fb, T.CASE_NO, 0, y3 + _LABEL_Y_GAP)[0] + 4
+            x = blit_ui(fb, T.CASE_NO, 0, y3 + _LABEL_Y_GAP) + 4
         _text_scroll(fb, case, x, y3 + _TEXT_Y_GAP, (room - x) // 8, now, 2)
 
     # Row 4: the five levels over the keys; while saving, the chosen one inverted.
@@ -295,14 +332,6 @@ def draw_prompt(fb, view, now, saving=False):
     stars = view.get("stars") or 0
     _key_row(fb, T.LEVELS, 52, 5 - stars if saving and stars else -1)
     return moving
-
-
-def _reason_bitmap(entry):
-    bm = entry.get("bm")
-    if bm is not None:
-        return bm, None
-    ui = T.REASONS.get(entry.get("c"))
-    return None, ui
 
 
 def draw_reasons(fb, view, now):
@@ -328,7 +357,8 @@ def draw_reasons(fb, view, now):
         paper = 1 if on else 0
         if on:
             fb.fill_rect(0, y, list_w, _ROW, 1)
-        bm, ui = _reason_bitmap(entry)
+        bm = entry.get("bm")
+        ui = T.REASONS.get(entry.get("c")) if bm is None else None  # built-in reasons
         width = bm["w"] if bm is not None else (ui[1] if ui is not None else 8 * len(entry["c"]))
         off = 0
         if on and width > room:
@@ -372,11 +402,12 @@ def draw_reasons(fb, view, now):
         else:
             blit_ui(fb, T.PICK_REASONS, px, 14)
         if pages > 1:
-            _text(fb, "%d/%d" % ((view.get("page") or 0) + 1, pages), px, 40)
+            x = _number(fb, (view.get("page") or 0) + 1, px, 40)
+            fb.text("/", x, 40, 1)
+            _number(fb, pages, x + 8, 40)
         left_s = view.get("left_s")
         if left_s is not None:
-            s = str(left_s) + "s"
-            _text(fb, s, W - 8 * len(s), 40)
+            _seconds(fb, left_s, W - 8 * (_digits(left_s) + 1), 40)
     else:
         hint = _hint(view.get("hint"))
         if hint is not None:  # over the list's last row: the citizen must see it now
@@ -406,7 +437,7 @@ def draw_thanks(fb, view, now):
     blit_ui(fb, t, _centre_x(fb, t[1]), 8)
     label = T.LEVELS[5 - stars]
     x = _centre_x(fb, label[1] + 8 + 11 * stars)
-    x += blit_ui(fb, label, x, 44)[0] + 8
+    x += blit_ui(fb, label, x, 44) + 8
     for i in range(stars):
         _star(fb, x + 11 * i, 45)
     return False

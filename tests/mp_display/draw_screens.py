@@ -4,10 +4,10 @@
 # CASES holds one JSON file per case: {"name", "driver": "plain"|"ssd1306", "w", "h",
 # "view": rating view, "nows": [ms, ...]}. For each case OUT/<name>.bin gets one raw
 # framebuffer per `now`, and one JSON line goes to stdout with the frame count, the
-# format, the draw() results and heap figures: "used" is the highest gc.mem_alloc() seen
-# right after a draw (live data plus garbage not yet collected), "held" what stays after a
-# collection, "peak" micropython.mem_peak() (which over-counts: it never sees what the
-# GC frees).
+# format, the draw() results and heap figures: "alloc" the bytes each draw() allocated
+# (the first draw of a view includes decoding its bitmaps), "held" what stays allocated
+# after a collection once the case is done, "peak" micropython.mem_peak() (which
+# over-counts under a GC: it never sees what the collector frees).
 import gc
 import json
 import os
@@ -54,18 +54,24 @@ def main():
             case = json.load(f)
         fb = _display(case.get("driver", "plain"), case["w"], case["h"])
         moving = []
-        used = 0
+        alloc = []
         with open(out + "/" + case["name"] + ".bin", "wb") as f:
             for now in case["nows"]:
-                moving.append(screens.draw(fb, case["view"], now))
-                used = max(used, gc.mem_alloc())
+                gc.collect()
+                before = gc.mem_alloc()
+                gc.disable()
+                scrolling = screens.draw(fb, case["view"], now)
+                used = gc.mem_alloc() - before
+                gc.enable()
+                moving.append(scrolling)  # outside the measured window: lists grow
+                alloc.append(used)
                 fb.show()
                 f.write(fb.buffer)
         fmt = "MONO_VLSB" if fb.fmt == framebuf.MONO_VLSB else "MONO_HLSB"
         case = None
         gc.collect()
         print(json.dumps({"name": fname[:-5], "frames": len(moving), "fmt": fmt,
-                          "moving": moving, "used": used, "held": gc.mem_alloc(),
+                          "moving": moving, "alloc": alloc, "held": gc.mem_alloc(),
                           "peak": micropython.mem_peak(), "free": gc.mem_free()}))
 
 
