@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "firmware"))
 import mqtt  # noqa: E402
 
 sys.path.insert(0, SCRIPTS)
-from device import WILL_PAYLOAD, payload_for  # noqa: E402
+from mqtt_device import WILL_PAYLOAD, payload_for  # noqa: E402
 
 
 def _mpy_cross():
@@ -47,18 +47,19 @@ def mpy_dir(tmp_path_factory):
 
 
 class Device:
-    """tests/mqtt_scripts/device.py under MicroPython; its stdout lines arrive on a queue."""
+    """tests/mqtt_scripts/mqtt_device.py under MicroPython; its stdout lines arrive on a queue."""
 
     def __init__(self, micropython, mpy_dir, port, client_id, *opts):
         # the .mpy first, then the frozen modules (asyncio) the default path holds
         env = dict(os.environ, MICROPYPATH=mpy_dir + os.pathsep + ".frozen")
         self.proc = subprocess.Popen(
-            [micropython, "-X", "heapsize=64K", os.path.join(SCRIPTS, "device.py"),
+            [micropython, "-X", "heapsize=64K", os.path.join(SCRIPTS, "mqtt_device.py"),
              str(port), client_id] + list(opts),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         self.lines = queue.Queue()
         self.seen = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -82,12 +83,20 @@ class Device:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._pump_thread.join(10)
+        self.proc.stdout.close()
 
 
 @pytest.fixture
 def devices(micropython):
+    """Starts devices for a test and kills whatever is left of them afterwards."""
     started = []
-    yield lambda *args: started.append(Device(micropython, *args)) or started[-1]
+
+    def start(*args):
+        started.append(Device(micropython, *args))
+        return started[-1]
+
+    yield start
     for dev in started:
         dev.kill()
 

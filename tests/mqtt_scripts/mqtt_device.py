@@ -1,6 +1,6 @@
 # A stand-in device for tests/test_mqtt_client.py: firmware/mqtt.py's MQTTClient under the
 # MicroPython unix port (or CPython), talking to a real mosquitto, reporting on stdout.
-# Usage: micropython -X heapsize=64K device.py <port> <client id> [key=value ...]
+# Usage: micropython -X heapsize=64K mqtt_device.py <port> <client id> [key=value ...]
 #   clean=0|1  ka=<s>  will=<topic>  sub=<filter>  max=<bytes>  backoff=<ms>
 #   host=<name>  ca=<CA certificate, DER>      TLS to host, verified against that CA
 #   pub=<topic> n=<count> size=<bytes>   publish n qos1 messages after the first connect,
