@@ -14,25 +14,25 @@ import errno
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(value):
+    def const(value):  # type: ignore[misc]
         return value
 
 try:
     from time import ticks_diff, ticks_ms
 except ImportError:  # CPython has no ticks; a monotonic clock in ms does the same job here
-    from time import monotonic as _monotonic
+    from time import monotonic as _monotonic  # type: ignore[attr-defined]
 
     def ticks_ms():
         return int(_monotonic() * 1000)
 
-    def ticks_diff(a, b):
+    def ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
 try:
     from random import getrandbits
 except ImportError:  # a MicroPython build without random: no jitter beats no client
-    def getrandbits(bits):
-        return (ticks_ms() * 2654435761 >> 7) & ((1 << bits) - 1)
+    def getrandbits(bits):  # type: ignore[misc]
+        return (ticks_ms() * 2654435761 >> 7) & ((1 << bits) - 1)  # type: ignore[operator]
 
 
 # Fixed-header first bytes. SUBSCRIBE's low nibble 0010 is required by the spec (3.8.1).
