@@ -132,9 +132,7 @@ class SSD1322(Display):
         self._cmdbuf = bytearray(1)
         self._params = bytearray(2)
         self._lut = bytearray(4)
-        self.set_level(level)
-        cs(1)
-        dc(0)
+        self.set_level(level)  # no bus or pin traffic until init_display()
 
     def set_level(self, level):
         """Gray level 0..15 of a lit pixel (no bus traffic; takes effect at show())."""
