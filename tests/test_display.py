@@ -385,6 +385,10 @@ def _views(render):
     r.press(2, 1000)
     views["reasons_builtin"] = r.view()  # no catalogue yet: the built-in reasons
 
+    r = Rating()  # a prompt with nobody signed in: no name, no 工号
+    r.offer(prompt("P6", ITEM), 0)
+    views["prompt_no_staff"] = r.view()
+
     r = fresh()
     r.qr = bitmaps.qr_bitmap(QR_URL)
     r.set_full(True)
@@ -556,6 +560,15 @@ def test_prompt_shows_item_staff_case_and_the_five_levels_over_the_keys(screens,
     # The seconds left (57s after 3 s of a 60 s prompt), drawn at the right of row 2.
     assert screens["prompt"]["view"]["left_s"] == 57
     assert lit(region(px, 256 - 24, 22, 24, 8)) > 10
+
+
+@needs_font
+def test_prompt_without_staff_shows_item_and_levels_only(screens, wqy):
+    px = screens["prompt_no_staff"]["frames"][0]
+    item = grid(wqy.render(ITEM))
+    assert region(px, 0, 0, len(item[0]), 16) == item
+    assert lit(region(px, 0, 18, 256 - 40, 16)) == 0  # no name, no 工号
+    assert lit(region(px, 256 - 24, 22, 24, 8)) > 10  # the countdown still shows
 
 
 @needs_font
