@@ -16,7 +16,6 @@ import asyncio
 import collections
 import json
 import os
-import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,10 @@ from simulator import build as fwbuild
 ROOT = fwbuild.ROOT
 SIM_BOARD = os.path.join(ROOT, "hardware", "boards", "sim.json")
 _RECENT = 200  # events kept per device for diagnostics
+# 64 K words of 4 bytes on a 32-bit board; MicroPython's `w` suffix scales it by the word
+# size, so on a 64-bit host the heap has the same number of GC blocks and pointer-sized
+# objects take the same share of it as on an ESP32 (docs/simulator.md, "Memory").
+DEFAULT_HEAP = "64wK"
 
 
 class FleetError(PingjiaError):
@@ -83,7 +86,7 @@ def _now_ms() -> int:
 
 
 class Fleet:
-    def __init__(self, root_dir: str, build_dir: str | None = None, heap: str = "64K",
+    def __init__(self, root_dir: str, build_dir: str | None = None, heap: str = DEFAULT_HEAP,
                  board_file: str = SIM_BOARD):
         self.root_dir = root_dir
         self.build_dir = build_dir or fwbuild.DEFAULT_OUT
@@ -113,14 +116,21 @@ class Fleet:
             await self._server.wait_closed()
             self._server = None
 
-    def add(self, device_id: str, config: dict) -> Device:
-        """Create the device's directory (its flash) with config.json and board.json."""
+    def add(self, device_id: str, config: dict, flash: dict | None = None) -> Device:
+        """Create the device's directory (its flash) with config.json and board.json.
+
+        `flash` overrides the board's journal geometry (journal_segments, segment_bytes)."""
         workdir = os.path.join(self.root_dir, device_id)
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(config, f)
-        os.chmod(os.path.join(workdir, "config.json"), 0o600)
-        shutil.copyfile(self.board_file, os.path.join(workdir, "board.json"))
+        with open(self.board_file) as f:
+            board = json.load(f)
+        if flash:
+            board["flash"] = dict(board.get("flash", {}), **flash)
+        with open(os.path.join(workdir, "board.json"), "w") as f:
+            json.dump(board, f, ensure_ascii=False)
         dev = Device(device_id, workdir)
         self.devices[device_id] = dev
         return dev
@@ -259,6 +269,11 @@ class Fleet:
             value = check()
             if value:
                 return value
+            crashed = self.crashed()
+            if crashed:
+                tail = self.log_tail(crashed[0], 3).strip().splitlines()
+                raise FleetError("device %s stopped while waiting for %s: %s" % (
+                    crashed[0], what, tail[-1] if tail else "no output"))
             left = deadline - loop.time()
             if left <= 0:
                 raise FleetError("timed out waiting for " + what)

@@ -1,0 +1,295 @@
+# The device app under the MicroPython unix port on the simulated board, against a real
+# mosquitto and a stand-in hub (paho) that verifies MACs and acks -- or stays silent when
+# a test needs to see what an unacked device does. Each test boots real firmware processes
+# with a 64 KB (32-bit-word) heap, the simulator's default.
+import asyncio
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+from firmware.evaluator import codec
+from firmware.evaluator.journal import Journal
+from simulator.fleet import Fleet
+
+DEVICE = "D0001"
+WINDOW = "W001"
+KEY = bytes(range(32))
+
+
+class FakeHub:
+    """The hub's MQTT side, minimal: verify, keep each (device, seq) once, ack contiguous."""
+
+    def __init__(self, port, keys):
+        self.keys = keys
+        self.acking = True
+        self.votes = {}  # (d, s) -> vote dict (first copy)
+        self.receipts = []  # (d, s) of every vote received, repeats included
+        self.rejected = []
+        self.births = []
+        self.evts = []
+        self.wills = []
+        self.lock = threading.Lock()
+        self.arrivals = queue.Queue()
+        # A persistent session, like the real hub's: uplinks wait at the broker while the
+        # hub is reconnecting.
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fake-hub",
+                                  clean_session=False)
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.on_message = self._on_message
+        # Subscribe on every connect: paho reconnects by itself after a broker restart.
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("pj/+/up/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def contiguous(self, device_id):
+        with self.lock:
+            n = 0
+            while (device_id, n + 1) in self.votes:
+                n += 1
+            return n
+
+    def ack(self, device_id):
+        self.client.publish("pj/%s/dn/ack" % device_id,
+                            codec.encode_ack(self.contiguous(device_id)), qos=1)
+
+    def send(self, device_id, kind, obj, retain=False):
+        info = self.client.publish("pj/%s/dn/%s" % (device_id, kind), json.dumps(obj).encode(),
+                                   qos=1, retain=retain)
+        info.wait_for_publish(5)
+
+    def count(self, device_id, seq):
+        with self.lock:
+            return self.receipts.count((device_id, seq))
+
+    def _on_message(self, client, userdata, msg):
+        parts = msg.topic.split("/")
+        device_id, kind = parts[1], parts[-1]
+        obj = json.loads(msg.payload)
+        if kind == "vote":
+            vote = codec.validate_vote(obj)
+            if vote["d"] != device_id or not codec.verify_vote(self.keys[device_id], vote):
+                self.rejected.append(vote["s"])
+                return
+            with self.lock:
+                self.receipts.append((device_id, vote["s"]))
+                self.votes.setdefault((device_id, vote["s"]), vote)
+            if self.acking:
+                self.ack(device_id)
+        elif kind == "birth":
+            self.births.append(obj)
+            if self.acking:
+                self.ack(device_id)
+        elif kind == "evt":
+            self.evts.append(obj)
+        elif kind == "will":
+            self.wills.append(obj)
+
+
+def device_config(port):
+    return {"device_id": DEVICE, "key": KEY.hex(), "hub_host": "127.0.0.1", "hub_port": port,
+            "mqtt_user": DEVICE, "mqtt_password": "unused-on-an-anonymous-broker",
+            "window": WINDOW}
+
+
+def run(mosquitto, scenario, flash=None):
+    """Boot one device against mosquitto + FakeHub and run `scenario(fleet, dev, hub)`."""
+    hub = FakeHub(mosquitto.port, {DEVICE: KEY})
+    tmp = tempfile.mkdtemp(prefix="pj-app-")
+
+    async def main():
+        fleet = Fleet(tmp)
+        await fleet.start()
+        fleet.add(DEVICE, device_config(mosquitto.port), flash=flash)
+        try:
+            await fleet.spawn(DEVICE)
+            dev = fleet.devices[DEVICE]
+            await fleet.wait_for(lambda: dev.connected, 30, "device connected")
+            hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": None, "win": None,
+                                     "t": int(time.time())}, retain=True)
+            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+            await scenario(fleet, dev, hub)
+            assert not fleet.crashed(), fleet.log_tail(DEVICE)
+        except BaseException:
+            print(fleet.log_tail(DEVICE, 40))
+            raise
+        finally:
+            await fleet.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        hub.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_pids = iter(range(1, 1000000))
+
+
+async def prompt(fleet, dev, hub, ttl=60):
+    pid = "P%d" % next(_pids)
+    hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
+                                "item": None, "ttl": ttl, "t": int(time.time())})
+    await fleet.wait_for(lambda: dev.offers.get(pid), 15, "offer " + pid)
+    assert dev.offers[pid] == "shown"
+    return pid
+
+
+async def vote(fleet, dev, hub, stars=5):
+    """A citizen rates: prompt, press, wait for the durable record and the rest state."""
+    await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+    pid = await prompt(fleet, dev, hub)
+    await fleet.press(DEVICE, stars)
+    saved = await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
+                                 "saved " + pid)
+    return saved[0]
+
+
+async def unrated(fleet, dev, hub):
+    """A citizen walks away: the prompt times out into an unrated record."""
+    await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+    pid = await prompt(fleet, dev, hub, ttl=1)
+    saved = await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
+                                 "unrated " + pid)
+    return saved[0]
+
+
+def journal_records(dev):
+    """Read the device's flash as it is now (a copy, so recovery never touches the original)."""
+    copy = tempfile.mkdtemp(prefix="pj-flash-")
+    try:
+        shutil.copytree(dev.journal_dir, os.path.join(copy, "j"))
+        journal = Journal(os.path.join(copy, "j"))
+        return {seq: payload for seq, _t, payload in journal.unacked()}
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_a_vote_is_on_flash_before_thanks_and_the_hub_gets_it_signed(mosquitto):
+    async def scenario(fleet, dev, hub):
+        hub.acking = False  # keep the record in the journal so the copy can show it
+        pid = await prompt(fleet, dev, hub)
+        await fleet.press(DEVICE, 4)
+        await fleet.wait_for(lambda: dev.state == "THANKS", 15, "THANKS")
+        # The moment the screen says thanks, the record is already in the journal files.
+        records = journal_records(dev)
+        assert list(records) == [1]
+        stored = codec.decode_vote(records[1])
+        assert codec.verify_vote(KEY, stored)
+        assert (stored["pid"], stored["stars"], stored["k"], stored["w"], stored["sn"]) == \
+            (pid, 4, "v", WINDOW, "10234")
+        # ...and the device said so in that order: saved, then the thanks screen.
+        kinds = [(e.get("e"), e.get("st")) for e in dev.recent]
+        assert kinds.index(("saved", None)) < kinds.index(("state", "THANKS"))
+        await fleet.wait_for(lambda: (DEVICE, 1) in hub.votes, 15, "vote at hub")
+        assert hub.votes[(DEVICE, 1)] == stored
+        assert hub.rejected == []
+        assert {"pid": pid, "st": "shown"} in hub.evts
+        stats = await fleet.stats(DEVICE)
+        assert stats["jd"] == 1 and stats["saved"] == 1
+        assert stats["live_max"] < stats["size"]
+
+    run(mosquitto, scenario)
+
+
+def test_a_failed_flash_write_shows_the_qr_fallback_never_thanks(mosquitto):
+    async def scenario(fleet, dev, hub):
+        await fleet.request(DEVICE, {"c": "flash", "fail": True})
+        await prompt(fleet, dev, hub)
+        await fleet.press(DEVICE, 5)
+        await fleet.wait_for(lambda: dev.state == "FULL", 15, "FULL")
+        await asyncio.sleep(1.0)
+        assert dev.saved == {}
+        assert not any(e.get("st") == "THANKS" for e in dev.recent)
+        assert hub.receipts == []
+        stats = await fleet.stats(DEVICE)
+        assert stats["flash_errors"] == 1 and stats["saved"] == 0
+        # Flash works again after a power cycle. Whether the failed write left a complete
+        # record is up to the flash (recovery keeps any record whose CRC checks); either
+        # way the hub ends with one contiguous sequence and the new vote continues it.
+        await fleet.request(DEVICE, {"c": "flash", "fail": False})
+        await fleet.restart(DEVICE)
+        await fleet.wait_for(lambda: dev.connected and dev.state == "IDLE", 30, "back")
+        saved = await vote(fleet, dev, hub, 3)
+        assert saved.seq in (1, 2)
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == saved.seq, 15, "votes at hub")
+        assert hub.votes[(DEVICE, saved.seq)]["stars"] == 3
+        assert hub.rejected == []
+
+    run(mosquitto, scenario)
+
+
+def test_unacked_records_are_resent_and_the_ack_trims_the_journal(mosquitto):
+    async def scenario(fleet, dev, hub):
+        hub.acking = False
+        first = [await unrated(fleet, dev, hub) for _ in range(7)]
+        assert [s.seq for s in first] == list(range(1, 8))
+        assert all(s.kind == "u" for s in first)
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 7, 15, "all at hub")
+        segments = sorted(os.listdir(dev.journal_dir))
+        assert len(segments) >= 2  # a few records per 1 KB segment
+        # A PUBACK from the broker is not an ack: with no ack for 10 s the device sends
+        # its journal again from the oldest unacked record.
+        await fleet.wait_for(lambda: hub.count(DEVICE, 1) >= 2, 25, "resend of seq 1")
+        assert (await fleet.stats(DEVICE))["jd"] == 7
+        hub.acking = True
+        hub.ack(DEVICE)
+        deadline = time.monotonic() + 15
+        while (await fleet.stats(DEVICE))["jd"] != 0:
+            assert time.monotonic() < deadline, "journal never trimmed"
+            await asyncio.sleep(0.2)
+        # Whole acked segments are gone; only the active one stays (acks are not written
+        # to flash, so after a reboot its records would go again and be acked again).
+        assert os.listdir(dev.journal_dir) == [segments[-1]]
+        assert min(journal_records(dev)) == int(segments[-1][1:-4])
+        assert hub.rejected == []
+
+    run(mosquitto, scenario, flash={"segment_bytes": 1024})
+
+
+def test_a_power_cut_loses_nothing_and_never_reuses_a_sequence(mosquitto):
+    async def scenario(fleet, dev, hub):
+        hub.acking = False
+        made = [await vote(fleet, dev, hub, 5), await unrated(fleet, dev, hub)]
+        # The third citizen rates while the broker is down: the record is durable but has
+        # nowhere to go -- and then the power goes.
+        await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+        pid = await prompt(fleet, dev, hub)
+        mosquitto.stop()
+        await fleet.press(DEVICE, 2)
+        await fleet.wait_for(lambda: dev.state == "REASONS", 15, "REASONS")
+        for key in (3, 1):  # 选择 the first reason, 提交
+            await asyncio.sleep(0.4)
+            await fleet.press(DEVICE, key)
+        made += await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid],
+                                     15, "saved offline")
+        await fleet.kill(DEVICE)
+        assert [s.seq for s in made] == [1, 2, 3]
+        assert hub.count(DEVICE, 3) == 0
+        mosquitto.start()
+        hub.acking = True
+        await fleet.spawn(DEVICE)
+        await fleet.wait_for(lambda: dev.connected and len(hub.births) == 2, 30, "reconnected")
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 3, 30, "all three at hub")
+        for saved in made:
+            assert hub.votes[(DEVICE, saved.seq)] == json.loads(saved.payload)
+        assert hub.votes[(DEVICE, 3)]["stars"] == 2 and len(hub.votes[(DEVICE, 3)]["rs"]) == 1
+        birth = hub.births[-1]
+        assert (birth["rst"], birth["lo"], birth["next"], birth["jd"]) == ("power", 1, 4, 3)
+        # Durable records are never renumbered: the next one continues the sequence.
+        await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE after boot")
+        after = await vote(fleet, dev, hub, 4)
+        assert after.seq == 4
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 4, 15, "fourth at hub")
+        assert hub.rejected == []
+
+    run(mosquitto, scenario)
