@@ -96,7 +96,8 @@ def generate(renderer=None):
         nonlocal total
         r = renderer.rasterize(text, height=height, max_lines=lines)
         if r.missing:
-            raise SystemExit("font lacks %s for %s" % (" ".join("U+%04X" % ord(c) for c in r.missing), name))
+            lacking = " ".join("U+%04X" % ord(c) for c in r.missing)
+            raise SystemExit("font lacks %s for %s" % (lacking, name))
         w, h, raw = bitmaps.decode(r.bitmap)
         total += len(raw)
         out.append("# " + text.replace("\n", " / "))
@@ -111,7 +112,8 @@ def generate(renderer=None):
     out.append("LEVELS = (LEVEL_5, LEVEL_4, LEVEL_3, LEVEL_2, LEVEL_1)")
     out.append("SOFT_KEYS = (KEY_UP, KEY_DOWN, KEY_TOGGLE, KEY_BACK, KEY_SUBMIT)")
     out.append("")
-    out.append("# Built-in reasons (evaluator.rating.FALLBACK_REASONS) by code; they carry no bitmap.")
+    out.append("# Built-in reasons (evaluator.rating.FALLBACK_REASONS) by code; they carry no")
+    out.append("# bitmap.")
     names = []
     for entry in rating.FALLBACK_REASONS:
         name = "REASON_" + entry["c"].replace("-", "_").replace(".", "_").replace(":", "_")

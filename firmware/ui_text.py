@@ -264,7 +264,8 @@ KEY_SUBMIT = (
 LEVELS = (LEVEL_5, LEVEL_4, LEVEL_3, LEVEL_2, LEVEL_1)
 SOFT_KEYS = (KEY_UP, KEY_DOWN, KEY_TOGGLE, KEY_BACK, KEY_SUBMIT)
 
-# Built-in reasons (evaluator.rating.FALLBACK_REASONS) by code; they carry no bitmap.
+# Built-in reasons (evaluator.rating.FALLBACK_REASONS) by code; they carry no
+# bitmap.
 # 服务态度
 REASON_PJ01 = (
     b"\x3e\xfe\x03\x00\x00\x20\x00\x10\x00\x22\xc2\x02\x00\x00\x20\x00\x18\x00\x22\xc2\x07\xfc\x00\x60"

@@ -198,7 +198,8 @@ def firmware_mpy(tmp_path_factory):
     for src in ("firmware/display.py", "firmware/screens.py", "firmware/ui_text.py",
                 "tests/mp_display/draw_screens.py"):
         name = os.path.basename(src)[:-3]
-        proc = subprocess.run([mpy_cross_cmd(), "-o", str(out / (name + ".mpy")), os.path.join(ROOT, src)],
+        target = str(out / (name + ".mpy"))
+        proc = subprocess.run([mpy_cross_cmd(), "-o", target, os.path.join(ROOT, src)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
     return str(out)
@@ -221,8 +222,9 @@ def romfs_image(mpy_dir, path):
 def buses(firmware_mpy):
     from conftest import micropython_cmd
 
-    proc = subprocess.run([micropython_cmd(), "-X", "heapsize=2M", "tests/mp_display/bus_drivers.py",
-                           firmware_mpy], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([micropython_cmd(), "-X", "heapsize=2M",
+                           "tests/mp_display/bus_drivers.py", firmware_mpy],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
 
@@ -320,7 +322,8 @@ ITEM = "不动产登记资料查询"
 LONG_ITEM = "企业投资项目备案（含外商投资项目）及变更登记、注销登记"
 REASONS = (("S01", "staff", "服务态度差"), ("S02", "staff", "业务不熟练"),
            ("I01", "item", "办事流程繁琐"), ("I02", "item", "材料要求不明确"),
-           ("E01", "item", "等候时间过长"), ("I03", "item", "政策解释不清楚需多次往返才能办结"))
+           ("E01", "item", "等候时间过长"),
+           ("I03", "item", "政策解释不清楚需多次往返才能办结"))
 QR_URL = "https://hcp.example.gov.cn/r/W03"
 FRAME_MS = 250  # how often the app redraws a scrolling screen
 
@@ -363,7 +366,8 @@ def _views(render):
     r = fresh()
     r.offer(prompt("P3", ITEM, kind="cn_dlv"), 0)
     t = 1000
-    for key in (2, rating.KEY_TOGGLE, rating.KEY_DOWN, rating.KEY_DOWN, rating.KEY_TOGGLE, rating.KEY_UP):
+    for key in (2, rating.KEY_TOGGLE, rating.KEY_DOWN, rating.KEY_DOWN, rating.KEY_TOGGLE,
+                rating.KEY_UP):
         assert r.press(key, t) is None
         t += 1000
     views["reasons"] = r.view()
@@ -420,17 +424,19 @@ def screens(tmp_path_factory, wqy, firmware_mpy):
     cases = _views(lambda text: wqy.render(text))
     for name, (view, nows, driver, w, h) in cases.items():
         with open(cases_dir / (name + ".json"), "w") as f:
-            json.dump({"name": name, "view": view, "nows": nows, "driver": driver, "w": w, "h": h}, f)
+            json.dump({"name": name, "view": view, "nows": nows, "driver": driver,
+                       "w": w, "h": h}, f)
     # From ROMFS when the MicroPython extension for CPython is there (as a board runs it:
     # bytecode and ui_text's bitmaps outside the heap), else from .mpy files on the heap.
     romfs = romfs_image(firmware_mpy, str(base / "display.romfs"))
-    proc = subprocess.run([sys.executable, "tests/mp_display/romfs_run.py", romfs, "64K", "draw_screens",
-                           str(cases_dir), str(out_dir), "/rom"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "tests/mp_display/romfs_run.py", romfs, "64K",
+                           "draw_screens", str(cases_dir), str(out_dir), "/rom"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode == 3:
-        proc = subprocess.run([micropython_cmd(), "-X", "heapsize=64K", "tests/mp_display/draw_screens.py",
-                               str(cases_dir), str(out_dir), firmware_mpy], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([micropython_cmd(), "-X", "heapsize=64K",
+                               "tests/mp_display/draw_screens.py", str(cases_dir), str(out_dir),
+                               firmware_mpy], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {}
     for line in proc.stdout.splitlines():
@@ -481,8 +487,12 @@ def _png_pixels(path, w, h, scale=3, bezel=2):
     image = Image.open(path).convert("RGB")
     pad = bezel * scale
     assert image.size == (w * scale + 2 * pad, h * scale + 2 * pad)
-    return [[1 if image.getpixel((pad + x * scale + scale // 2 - 1, pad + y * scale + scale // 2 - 1))[0] > 128
-             else 0 for x in range(w)] for y in range(h)]
+    centre = scale // 2 - 1
+
+    def lit_at(x, y):
+        return image.getpixel((pad + x * scale + centre, pad + y * scale + centre))[0] > 128
+
+    return [[1 if lit_at(x, y) else 0 for x in range(w)] for y in range(h)]
 
 
 @needs_font
@@ -507,7 +517,8 @@ def test_every_screen_draws_within_a_64k_heap_and_redraws_without_allocating(scr
 def test_committed_pictures_match_the_screens(screens):
     for picture, (case, frame) in PICTURES.items():
         path = os.path.join(SCREENS_DIR, picture + ".png")
-        assert os.path.exists(path), "missing %s: PINGJIA_WRITE_SCREENS=1 pytest %s" % (path, __file__)
+        assert os.path.exists(path), (
+            "missing %s: PINGJIA_WRITE_SCREENS=1 pytest tests/test_display.py" % path)
         res = screens[case]
         assert _png_pixels(path, res["w"], res["h"]) == res["frames"][frame], (
             "%s is stale: PINGJIA_WRITE_SCREENS=1 pytest tests/test_display.py" % picture)
@@ -531,7 +542,8 @@ def test_idle_shows_window_staff_name_number_and_hint(screens, wqy):
     assert region(px, x, 22, len(name[0]), 16) == name
     assert find_in_rows(px, ui_grid(ui_text.STAFF_NO), 24) == [x + len(name[0]) + 6]
     hint = ui_grid(ui_text.PLEASE_RATE)
-    assert find_in_rows(px, hint, 64 - ui_text.PLEASE_RATE[2]) == [(256 - ui_text.PLEASE_RATE[1]) // 2]
+    rate = ui_text.PLEASE_RATE
+    assert find_in_rows(px, hint, 64 - rate[2]) == [(256 - rate[1]) // 2]
 
 
 @needs_font
@@ -639,7 +651,8 @@ def test_long_reason_under_the_cursor_scrolls(screens, wqy):
     seen = set()
     for px in res["frames"]:
         shown = region(px, 16, 32, room - 6, 16)  # the last 6 columns may hold the arrow
-        match = [off for off in range(width - room + 1) if region(bm, off, 0, room - 6, 16) == shown]
+        match = [off for off in range(width - room + 1)
+                 if region(bm, off, 0, room - 6, 16) == shown]
         assert match
         seen.update(range(match[0], match[0] + room - 6))
     assert max(seen) >= width - 7 and min(seen) == 0
@@ -656,7 +669,8 @@ def test_reasons_hint_asks_for_at_least_one(screens):
 def test_built_in_reasons_use_build_time_labels(screens):
     px = screens["reasons_builtin"]["frames"][0]
     first = rating.FALLBACK_REASONS[0]["c"]
-    assert region(px, 16, 0, ui_text.REASONS[first][1], 16) == inverted(ui_grid(ui_text.REASONS[first]))
+    label = ui_text.REASONS[first]
+    assert region(px, 16, 0, label[1], 16) == inverted(ui_grid(label))
 
 
 @needs_font
@@ -693,7 +707,8 @@ def test_full_shows_a_scannable_qr_and_the_hint(screens):
             # Dark module = unlit pixel on a lit square: the polarity phone cameras expect.
             for dy in range(scale):
                 for dx in range(scale):
-                    assert px[quiet + my * scale + dy][quiet + mx * scale + dx] == 1 - modules[my][mx]
+                    y, x = quiet + my * scale + dy, quiet + mx * scale + dx
+                    assert px[y][x] == 1 - modules[my][mx]
     assert all(px[y][x] == 1 for y in range(quiet) for x in range(64))  # lit quiet zone
     assert find_in_rows(px, ui_grid(ui_text.SCAN_QR), 10)
     px = screens["full_noqr"]["frames"][0]
