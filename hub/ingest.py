@@ -29,6 +29,10 @@ UPLINK_FILTER = "pj/+/up/#"
 KINDS = ("vote", "birth", "hb", "evt", "will")
 EVT_STATES = ("shown", "busy", "full", "bad")
 QUEUE_MAX = 10000  # uplinks waiting for the ingest thread; a full queue holds paho back
+# mosquitto sends a client at most this many unacknowledged QoS 1 messages (its
+# max_inflight_messages, default 20). Since the hub PUBACKs only after its commit, a group
+# holding that many will get no more until it commits: waiting longer would be idle time.
+BROKER_INFLIGHT = 20
 
 # Health fields a device reports in birth and hb (docs/protocol.md "Birth and heartbeat").
 # A known field with the wrong type is a schema rejection; unknown fields are dropped.
@@ -291,6 +295,8 @@ class Ingestor:
 
     def _hb(self, device_id, payload):
         obj = _decode(payload, "hb")
+        if obj.get("v") != codec.PROTO:
+            raise Rejected("schema")
         self._same_device(obj, device_id)
         health = health_fields(obj)
         self._known_device(device_id)
@@ -312,6 +318,8 @@ class Ingestor:
 
     def _will(self, device_id, payload):
         obj = _decode(payload, "will")
+        if obj.get("v") != codec.PROTO or obj.get("online") is not False:
+            raise Rejected("schema")
         self._same_device(obj, device_id)
         self._known_device(device_id)
         self.store.note_health(device_id, online=False)
@@ -428,14 +436,20 @@ class IngestService:
             except queue.Empty:
                 continue
             group = [first]
+            inflight = 1 if first.qos else 0
             deadline = time.monotonic() + max_wait
             while len(group) < cfg.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
-                    group.append(self.queue.get(timeout=remaining) if remaining > 0
-                                 else self.queue.get_nowait())
+                    if remaining > 0 and inflight < BROKER_INFLIGHT:
+                        up = self.queue.get(timeout=remaining)
+                    else:
+                        up = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                group.append(up)
+                if up.qos:
+                    inflight += 1
             try:
                 self._commit_and_ack(group)
             except Exception:
