@@ -27,8 +27,10 @@ def _register():
     from simulator.cli import sim, province
     from agent.cli import agent
     from hub.cli_admin import register as register_admin
+    from hub.cli_run import register as register_run
 
     register_admin(hub, device)
+    register_run(hub)
 
     cli.add_command(sim)
     cli.add_command(province)
