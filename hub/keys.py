@@ -1,5 +1,6 @@
-"""Hub key material: the Ed25519 batch signing key and the hall CA that gives the broker
-its TLS identity (and, when asked, devices their client certificates).
+"""Hub key material: the batch signing key (Ed25519, ECDSA P-256 or SM2) with its keyring
+and rotation, and the hall CA that gives the broker its TLS identity (and, when asked,
+devices their client certificates).
 
 Private keys are written 0600 in folders made 0700, and are never logged: functions here
 return paths or key objects, and errors name files, not contents.
@@ -8,15 +9,18 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
+import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub import PingjiaError
+from hub import batch as batchlib
+from hub import schemes
 
 # ECDSA P-256: what ESP32 mbedTLS and OpenSSL both handle fast; RSA would cost the
 # device seconds per handshake and Ed25519 certificates are not widely supported in TLS.
@@ -79,15 +83,185 @@ def _load_private(path, what):
         raise KeysError("%s: not an unencrypted PEM private key" % path) from None
 
 
-# -- the hub's batch signing key ------------------------------------------------------------
+# -- the hub's batch signing keys -----------------------------------------------------------
+#
+# The active key lives at settings.signing_key_path (whatever its scheme: Ed25519, ECDSA
+# P-256 or SM2). Beside it, batch-keys.json is the keyring: the public half of every batch
+# key the hub has used, when it came and went, and for a rotated-in key the statement, signed
+# by the key before, that introduces it to the province. Old private keys are not kept.
 
-def generate_signing_key(path, force=False):
-    """Create the hub's Ed25519 signing key at `path` (PKCS8 PEM, 0600)."""
+KEYRING_NAME = "batch-keys.json"
+CREDENTIALS_NAME = "province-credentials.json"
+
+
+def keyring_path(signing_key_path):
+    return os.path.join(os.path.dirname(os.path.abspath(signing_key_path)), KEYRING_NAME)
+
+
+def credentials_path(signing_key_path):
+    return os.path.join(os.path.dirname(os.path.abspath(signing_key_path)), CREDENTIALS_NAME)
+
+
+def _now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_keyring(signing_key_path):
+    """The keyring's entries, oldest first ([] when there is none yet)."""
+    path = keyring_path(signing_key_path)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            ring = json.load(f)
+        entries = ring["keys"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "key_id" in e
+                                                    for e in entries):
+            raise ValueError("keys must list objects with key_id")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeysError("%s: unreadable keyring: %s" % (path, exc)) from None
+    return entries
+
+
+def _write_keyring(signing_key_path, entries):
+    text = json.dumps({"keys": entries}, indent=2, ensure_ascii=False, sort_keys=True)
+    _private_dir(os.path.dirname(keyring_path(signing_key_path)))  # it holds private keys too
+    write_public(keyring_path(signing_key_path), (text + "\n").encode("utf-8"))
+
+
+def _entry(private, rotation=None, created=None):
+    return {"key_id": schemes.key_id(private), "alg": schemes.scheme_of(private),
+            "public_key": schemes.public_pem(private).decode("ascii"),
+            "created": created or _now_iso(), "retired": None, "rotation": rotation}
+
+
+def _record_active(signing_key_path, private, rotation=None):
+    """Put the key in the keyring as the active one and retire every other entry."""
+    entries = read_keyring(signing_key_path)
+    kid = schemes.key_id(private)
+    now = _now_iso()
+    if not any(e["key_id"] == kid for e in entries):
+        entries.append(_entry(private, rotation, now))
+    for entry in entries:
+        if entry["key_id"] == kid:
+            entry["retired"] = None
+        elif not entry.get("retired"):
+            entry["retired"] = now
+    _write_keyring(signing_key_path, entries)
+
+
+def _rotations_for(entries, kid):
+    """Rotation statements leading to key kid, oldest first (bounded)."""
+    by_id = {e["key_id"]: e for e in entries}
+    chain, seen = [], set()
+    entry = by_id.get(kid)
+    while entry is not None and entry.get("rotation") and entry["key_id"] not in seen:
+        seen.add(entry["key_id"])
+        chain.append(entry["rotation"])
+        entry = by_id.get(entry["rotation"].get("by"))
+    chain.reverse()
+    return tuple(chain[-batchlib.ROTATIONS_MAX:])
+
+
+def _load_batch_private(path):
+    pem = _read(path, "signing key")
+    try:
+        key = schemes.load_private_pem(pem)
+    except schemes.SchemeError:
+        raise KeysError("%s: not an unencrypted PEM private key" % path) from None
+    if schemes.scheme_of(key) != schemes.ED25519:
+        # ECDSA P-256 is also what the hall CA uses: only a key the keyring lists is a batch
+        # key, so the CA key (or any stray key) is never taken for one.
+        if not any(e.get("key_id") == schemes.key_id(key) for e in read_keyring(path)):
+            raise KeysError("%s: not an Ed25519 private key, nor a batch key in %s"
+                            % (path, KEYRING_NAME))
+    return key
+
+
+class SigningKey:
+    """The hub's batch signing key as a file: signs with whatever key the file holds now.
+
+    `pingjia hub keys rotate` swaps the file atomically; a running forwarder picks the new
+    key up at its next batch, together with the rotation statements that introduce it.
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self._lock = threading.Lock()
+        self._stamp = None
+        self._private = None
+        self._rotations = ()
+        self._reload()
+
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self):
+        stamp = self._file_stamp()
+        private = _load_batch_private(self.path)
+        self._rotations = _rotations_for(read_keyring(self.path), schemes.key_id(private))
+        self._private, self._stamp = private, stamp
+
+    def signing_material(self):
+        """(private key, rotation statements) as the key file holds them now."""
+        with self._lock:
+            stamp = self._file_stamp()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    self._reload()
+                except KeysError:
+                    pass  # half-replaced or broken: keep signing with the key we have
+            return self._private, self._rotations
+
+    @property
+    def private_key(self):
+        return self.signing_material()[0]
+
+    @property
+    def rotations(self):
+        return self.signing_material()[1]
+
+    def public_key(self):
+        return self.private_key.public_key()
+
+    @property
+    def key_id(self):
+        return schemes.key_id(self.private_key)
+
+    @property
+    def scheme(self):
+        return schemes.scheme_of(self.private_key)
+
+    def sign(self, data):
+        return schemes.sign(self.private_key, data)
+
+    def __repr__(self):
+        return "SigningKey(%s, %s)" % (self.scheme, self.key_id)
+
+
+def _private(key):
+    return key.private_key if isinstance(key, SigningKey) else key
+
+
+def generate_signing_key(path, force=False, scheme=schemes.DEFAULT_SCHEME):
+    """Create the hub's batch signing key at `path` (PKCS8 PEM, 0600) and record it in the
+    keyring. With force an existing key is replaced WITHOUT a rotation statement: the
+    province must then be given the new public key by hand."""
     if os.path.exists(path) and not force:
         raise KeysError("%s: signing key already exists (use --force to replace it)" % path)
-    key = Ed25519PrivateKey.generate()
-    write_secret(path, _private_pem(key))
-    return key
+    try:
+        key = schemes.generate(scheme)
+    except schemes.SchemeError as exc:
+        raise KeysError(str(exc)) from None
+    # Keyring first: a crash between the two leaves an extra public entry, never a key file
+    # the keyring does not vouch for.
+    _record_active(path, key)
+    write_secret(path, schemes.private_pem(key))
+    return SigningKey(path)
 
 
 def ensure_signing_key(path):
@@ -98,21 +272,57 @@ def ensure_signing_key(path):
 
 
 def load_signing_key(path):
-    key = _load_private(path, "signing key")
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeysError("%s: not an Ed25519 private key" % path)
-    return key
+    return SigningKey(path)
+
+
+def rotate_signing_key(path, hub_id, scheme=None, created=None):
+    """Replace the batch signing key with a new one (same scheme unless given), introduced by
+    a statement the old key signs. Returns (new SigningKey, statement).
+
+    The chain continues: the next batch is signed by the new key and carries the statement,
+    so a province that trusts the old key learns the new one from the batch itself.
+    """
+    old = SigningKey(path)
+    old_private = old.private_key
+    try:
+        new_private = schemes.generate(scheme or old.scheme)
+    except schemes.SchemeError as exc:
+        raise KeysError(str(exc)) from None
+    statement = batchlib.rotation_statement(hub_id, old_private, new_private, created)
+    entries = read_keyring(path)
+    if not any(e["key_id"] == old.key_id for e in entries):
+        # A key from before keyrings existed: record it so old batches stay checkable.
+        entries.append(_entry(old_private))
+    entries.append(_entry(new_private, statement))
+    _write_keyring(path, entries)
+    write_secret(path, schemes.private_pem(new_private))
+    _record_active(path, new_private)
+    return SigningKey(path), statement
+
+
+def keyring_public_keys(path):
+    """Every batch public key the hub has used, by key_id (the active one included)."""
+    keys = {}
+    for entry in read_keyring(path):
+        try:
+            public = schemes.load_public_pem(entry["public_key"])
+        except (schemes.SchemeError, KeyError, TypeError):
+            raise KeysError("%s: keyring entry %s has no readable public key"
+                            % (keyring_path(path), entry.get("key_id"))) from None
+        keys[schemes.key_id(public)] = public
+    if os.path.exists(path):
+        current = _load_batch_private(path).public_key()
+        keys[schemes.key_id(current)] = current
+    return keys
 
 
 def public_key_pem(key):
     """PEM of the public half of a signing key (what the province registers)."""
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return schemes.public_pem(_private(key))
 
 
 def public_key_hex(key):
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw.hex()
+    return schemes.raw_public(_private(key)).hex()
 
 
 # -- the hall CA -------------------------------------------------------------------------
