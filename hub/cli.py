@@ -28,9 +28,11 @@ def _register():
     from agent.cli import agent
     from hub.cli_admin import register as register_admin
     from hub.cli_run import register as register_run
+    from hub.cli_flash import register as register_flash
 
     register_admin(hub, device)
     register_run(hub)
+    register_flash(device)
 
     cli.add_command(sim)
     cli.add_command(province)
