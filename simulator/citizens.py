@@ -49,6 +49,9 @@ class Mix:
     misuse: float = 0.1  # press a key while nothing is asked (before the prompt)
     think_s: tuple[float, float] = (0.3, 1.5)
     walk_away_ttl_s: int = 3  # the prompt ttl asked for walk-away visits
+    # How long a prompt may stay on screen if the hub does not honour the ttl asked for
+    # (docs/protocol.md: the hub sets `ttl`; 60 s is its default).
+    hub_ttl_s: int = 60
 
 
 @dataclass
@@ -184,8 +187,8 @@ class Citizens:
                 else:
                     visit.pressed_ms = _wall_ms()
                     await self.fleet.press(device_id, stars)
-            saved = await self.fleet.wait_for(lambda: self._saved_for(dev, pid),
-                                              self.step_timeout_s + (ttl or 0),
+            wait = self.step_timeout_s + (max(ttl, self.mix.hub_ttl_s) if ttl else 0)
+            saved = await self.fleet.wait_for(lambda: self._saved_for(dev, pid), wait,
                                               device_id + " durable record for " + pid)
             visit.seq = saved.seq
             visit.kind = saved.kind

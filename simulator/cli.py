@@ -1,4 +1,7 @@
 """`pingjia sim …` and `pingjia province …`."""
+import json
+import sys
+
 import click
 
 
@@ -19,3 +22,41 @@ def _register_province():
 
 
 _register_province()
+
+
+@sim.command("run")
+@click.option("--devices", default=20, show_default=True, type=click.IntRange(1, 500),
+              help="Simulated evaluators, one per window (W001…).")
+@click.option("--votes", default=60, show_default=True, type=click.IntRange(0),
+              help="Citizen visits in total, spread over the windows.")
+@click.option("--heap", default="64wK", show_default=True,
+              help="MicroPython heap per device (-X heapsize; 64wK = 64 KB of 32-bit words).")
+@click.option("--seed", type=int, help="Random seed for citizens (printed in the summary).")
+@click.option("--deadline", default=300.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds until the run gives up waiting for the province.")
+@click.option("--hub-config", type=click.Path(exists=True, dir_okay=False),
+              help="Use the hub running with this hub.toml instead of starting one.")
+@click.option("--province-url", help="Use this running provincial receiver (base URL).")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Folder for the run (default: a temporary one, removed after a good run).")
+@click.option("--keep", is_flag=True, help="Keep the work folder after a good run.")
+@click.option("--no-forgeries", is_flag=True, help="Do not inject forged and replayed votes.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as one JSON object on the last line.")
+def sim_run(devices, votes, heap, seed, deadline, hub_config, province_url, workdir, keep,
+            no_forgeries, as_json):
+    """Run a simulated hall end to end and check every vote reached the province once."""
+    from simulator.run import Options, format_summary, run
+
+    opts = Options(devices=devices, votes=votes, heap=heap, seed=seed, deadline_s=deadline,
+                   hub_config=hub_config, province_url=province_url, workdir=workdir,
+                   keep=keep, forged=not no_forgeries)
+    live = not as_json and sys.stderr.isatty()
+    say = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    summary = run(opts, say=say, live=live)
+    if as_json:
+        click.echo(json.dumps(summary, ensure_ascii=False))
+    else:
+        click.echo(format_summary(summary))
+    if not summary["ok"]:
+        raise click.exceptions.Exit(1)
