@@ -27,6 +27,7 @@ KEY_TOGGLE = 3
 KEY_SUBMIT = 1
 # Key presses closer than the rating's rapid_ms (300) are misuse; a person is slower.
 KEY_GAP_S = 0.4
+KEY_GAP_MS = 350  # enforced on the device between one citizen's deliberate presses
 
 TASKS = (
     ("11440000MB2C94230X", "44000012345", "居民身份证换领"),
@@ -167,9 +168,12 @@ class Citizens:
             if self.rng.random() < self.mix.misuse:
                 # Presses while the device asks nothing: counted as misuse, never a vote.
                 for _ in range(self.rng.choice((1, 2))):
-                    await self.fleet.press(device_id, self.rng.randint(1, 5))
+                    seen = dev.keys_seen
+                    await self.fleet.press(device_id, self.rng.randint(1, 5), KEY_GAP_MS)
                     visit.misuse_presses += 1
-                    await asyncio.sleep(KEY_GAP_S)
+                    # The press must have happened before any prompt can be on screen.
+                    await self.fleet.wait_for(lambda: dev.keys_seen > seen, self.step_timeout_s,
+                                              device_id + " misuse press")
                 await asyncio.sleep(KEY_GAP_S)
             ttl = self.mix.walk_away_ttl_s if plan == "walk_away" else None
             visit.pid = await self.hub.prompt(window, visit.case_no, self.rng.choice(TASKS), ttl=ttl)
@@ -186,7 +190,7 @@ class Citizens:
                     await self._bad_rating(device_id, visit)
                 else:
                     visit.pressed_ms = _wall_ms()
-                    await self.fleet.press(device_id, stars)
+                    await self.fleet.press(device_id, stars, KEY_GAP_MS)
             wait = self.step_timeout_s + (max(ttl, self.mix.hub_ttl_s) if ttl else 0)
             saved = await self.fleet.wait_for(lambda: self._saved_for(dev, pid), wait,
                                               device_id + " durable record for " + pid)
@@ -205,16 +209,16 @@ class Citizens:
 
     async def _bad_rating(self, device_id: str, visit: Visit) -> None:
         dev = self.fleet.devices[device_id]
-        await self.fleet.press(device_id, visit.stars)
+        await self.fleet.press(device_id, visit.stars, KEY_GAP_MS)
         await self.fleet.wait_for(lambda: dev.state == "REASONS", self.step_timeout_s,
                                   device_id + " reasons screen")
         await asyncio.sleep(KEY_GAP_S)
-        await self.fleet.press(device_id, KEY_TOGGLE)
+        await self.fleet.press(device_id, KEY_TOGGLE, KEY_GAP_MS)
         if self.rng.random() < 0.5:
             await asyncio.sleep(KEY_GAP_S)
-            await self.fleet.press(device_id, KEY_DOWN)
+            await self.fleet.press(device_id, KEY_DOWN, KEY_GAP_MS)
             await asyncio.sleep(KEY_GAP_S)
-            await self.fleet.press(device_id, KEY_TOGGLE)
+            await self.fleet.press(device_id, KEY_TOGGLE, KEY_GAP_MS)
         await asyncio.sleep(KEY_GAP_S + self.rng.uniform(0, 0.3))
         visit.pressed_ms = _wall_ms()
-        await self.fleet.press(device_id, KEY_SUBMIT)
+        await self.fleet.press(device_id, KEY_SUBMIT, KEY_GAP_MS)

@@ -70,6 +70,7 @@ class Device:
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_RECENT))
     exits: list[int] = field(default_factory=list)
     killed: bool = False  # the current process was ended by the fleet, not by a crash
+    keys_seen: int = 0  # key presses the firmware's key scanner reported
 
     @property
     def journal_dir(self) -> str:
@@ -212,6 +213,8 @@ class Fleet:
             dev.state_pid = msg.get("pid")
         elif e == "offer":
             dev.offers[msg.get("pid") or ""] = msg.get("st")
+        elif e == "key":
+            dev.keys_seen += 1
         elif e == "conn":
             dev.connected = bool(msg.get("up"))
         elif e in ("stats", "heap"):
@@ -250,8 +253,13 @@ class Fleet:
         finally:
             self._replies.pop(rid, None)
 
-    async def press(self, device_id: str, stars: int) -> None:
-        await self.send(device_id, {"c": "press", "stars": stars})
+    async def press(self, device_id: str, stars: int, gap_ms: int = 0) -> None:
+        """Press a key; gap_ms > 0 spaces it at least that far from the previous press
+        on the device itself (a person's pace, immune to delays on the way)."""
+        cmd: dict[str, Any] = {"c": "press", "stars": stars}
+        if gap_ms:
+            cmd["gap"] = gap_ms
+        await self.send(device_id, cmd)
 
     async def stats(self, device_id: str) -> dict:
         return await self.request(device_id, {"c": "stats"})

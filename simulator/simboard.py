@@ -13,7 +13,8 @@
 # Control channel: one TCP connection to the simulator (127.0.0.1) carrying JSON lines.
 # Device -> simulator: {"e": "hello", "d": id, ...} first, then events from the app
 # ({"e": "saved", "seq": N, "k": "v", ...}, {"e": "state", "st": ...}, ...) and answers.
-# Simulator -> device: {"c": "press", "stars": N} | {"c": "hold", "stars": N, "ms": M} |
+# Simulator -> device: {"c": "press", "stars": N[, "ms": held, "gap": ms since the last]} |
+# {"c": "hold", "stars": N, "ms": M} |
 # {"c": "fb"} | {"c": "stats"} | {"c": "flash", "fail": bool}. See docs/simulator.md.
 import gc
 import json
@@ -75,6 +76,7 @@ class SimBoard:
         self.app = None
         self.fail_sync = False
         self._presses = []
+        self._last_press = time.ticks_ms()
         self._lines = []
         self._writer = None
         self.presses_dropped = 0
@@ -164,7 +166,7 @@ class SimBoard:
             if len(self._presses) >= _PRESS_SLOTS:
                 self.presses_dropped += 1
                 return {"e": "error", "c": c, "why": "press queue full"}
-            self._presses.append((stars, cmd.get("ms", _PRESS_MS)))
+            self._presses.append((stars, cmd.get("ms", _PRESS_MS), cmd.get("gap", 0)))
             return None
         if c == "fb":
             import binascii
@@ -189,7 +191,12 @@ class SimBoard:
             if not self._presses:
                 await asyncio.sleep_ms(10)
                 continue
-            stars, ms = self._presses.pop(0)
+            stars, ms, gap = self._presses.pop(0)
+            # "gap": at least this long since the previous press began -- a person's pace,
+            # whatever delays the command met on its way here.
+            while gap and time.ticks_diff(time.ticks_ms(), self._last_press) < gap:
+                await asyncio.sleep_ms(10)
+            self._last_press = time.ticks_ms()
             pin = self.keys_pins[stars]
             pin.level = self.key_active
             await asyncio.sleep_ms(ms)
