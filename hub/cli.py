@@ -29,10 +29,12 @@ def _register():
     from hub.cli_admin import register as register_admin
     from hub.cli_run import register as register_run
     from hub.cli_flash import register as register_flash
+    from hub.cli_keys import register as register_keys
 
     register_admin(hub, device)
     register_run(hub)
     register_flash(device)
+    register_keys(hub)
 
     cli.add_command(sim)
     cli.add_command(province)

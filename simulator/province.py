@@ -1,12 +1,17 @@
 """The reference provincial 好差评 receiver: verifies signed, chained batches and stores records.
 
 It plays the province in tests and simulations: an aiohttp app (make_app) over its own SQLite
-store (ProvinceStore). It checks each batch's Ed25519 signature against trusted hub keys, the
-per-hub hash chain, each record's fields, and dedupes records by voteId across batches. A fault
-switch (only when enabled) makes it fail the ways a real provincial system does. verify_store
+store (ProvinceStore). It speaks every profile it is given (hub/profiles/*.json by default):
+each profile's endpoint path, request authentication (token or app key with signed requests,
+checked against a registry of hub credentials) and SM4 payload encryption. It checks each
+batch's signature (Ed25519, ECDSA P-256 or SM2, as the profile allows) against trusted hub keys
+and keys introduced by rotation statements in the chain, the per-hub hash chain, each record's
+fields in the profile's terms, and dedupes records by voteId across batches. A fault switch
+(only when enabled) makes it fail the ways a real provincial system does. verify_store
 re-checks the stored audit trail. docs/province.md is the specification.
 """
 import asyncio
+import collections
 import datetime
 import glob
 import hashlib
@@ -21,6 +26,7 @@ from aiohttp import web
 
 from hub import PingjiaError
 from hub import batch as batchlib
+from hub import schemes
 
 # A batch of a few thousand records is a few MB; anything far larger is not a batch.
 MAX_BODY = 64 * 1024 * 1024
@@ -33,7 +39,10 @@ TIMEOUT_HOLD_MS = 30000
 SLOW_DELAY_MS = 2000
 
 COUNTERS = ("duplicates", "rejected", "resent_batches", "chain_errors", "bad_signatures",
-            "bad_requests", "altered", "faulted")
+            "bad_requests", "altered", "faulted", "auth_failures", "learned_keys")
+# Nonces of signed requests are remembered for the allowed clock skew; past this many the
+# oldest are forgotten first (at 300 s skew that is over 300 requests a second sustained).
+NONCE_CACHE_MAX = 100000
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _VOTE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}:[0-9]{1,10}$")
@@ -77,6 +86,21 @@ CREATE TABLE IF NOT EXISTS trusted_keys (
     pem TEXT NOT NULL,
     added_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS learned_keys (
+    hub TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    pem TEXT NOT NULL,
+    by_key TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    added_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (hub, key_id)
+);
+CREATE TABLE IF NOT EXISTS retired_keys (
+    hub TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    PRIMARY KEY (hub, key_id)
+);
 """
 
 
@@ -86,6 +110,14 @@ class ProvinceError(PingjiaError):
 
 def _wall_ms():
     return int(time.time() * 1000)
+
+
+def _envelope_text(batch):
+    """What of the signature envelope the store keeps beside sig and key_id."""
+    envelope = {"alg": batch.get("alg", schemes.ED25519)}
+    if batch.get("rotations"):
+        envelope["rotations"] = batch["rotations"]
+    return json.dumps(envelope, ensure_ascii=False, sort_keys=True)
 
 
 # ---------------------------------------------------------------- trusted hub keys
@@ -168,8 +200,19 @@ def _as_trusted(trusted_keys):
 
 # ---------------------------------------------------------------- record checks
 
-def check_record(record):
-    """None when the record is acceptable, else a short reason code."""
+def check_record(record, profile=None):
+    """None when the record is acceptable, else a short reason code.
+
+    With a profile, the record is read in the profile's terms (its field names, satisfaction
+    numbering, indicator separator and time format) and reasons name its fields.
+    """
+    if profile is None:
+        return _check_national(record)
+    reason = _check_national(batchlib.national_form(record, profile))
+    return None if reason is None else batchlib.missing_field_name(reason, profile)
+
+
+def _check_national(record):
     if not isinstance(record, dict):
         return "not_object"
     for field in batchlib.RECORD_FIELDS:
@@ -185,6 +228,8 @@ def check_record(record):
                   "proManagerNo", "evalDetail", "writingEvaluation"):
         if not isinstance(record[field], str):
             return "bad_" + field
+    if "windowNo" in record and not isinstance(record["windowNo"], str):
+        return "bad_windowNo"
     if not _valid_time(record["assessTime"]):
         return "bad_assessTime"
     if record["assessNumber"] not in (1, 2) or isinstance(record["assessNumber"], bool):
@@ -241,6 +286,10 @@ def check_batch_shape(batch):
             return "missing " + field
         if not isinstance(batch[field], kind) or isinstance(batch[field], bool):
             return "%s has the wrong type" % field
+    if not isinstance(batch.get("alg", schemes.ED25519), str):
+        return "alg has the wrong type"
+    if not isinstance(batch.get("rotations", []), list):
+        return "rotations has the wrong type"
     if not batch["hub"] or batch["n"] < 1:
         return "hub must be non-empty and n >= 1"
     if batch["batch_id"] != "%s-%d" % (batch["hub"], batch["n"]):
@@ -266,6 +315,10 @@ class ProvinceStore:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(batches)")}
+            if "envelope" not in columns:
+                # Stores made before keys could rotate: their batches carry no envelope.
+                self.db.execute("ALTER TABLE batches ADD COLUMN envelope TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise ProvinceError("%s: cannot open the province store: %s" % (path, exc)) from None
         row = self.db.execute("SELECT MAX(received_at_ms) FROM batches").fetchone()
@@ -304,18 +357,33 @@ class ProvinceStore:
                 continue
         return trusted
 
-    def accept(self, batch, digest):
-        """Store a signature-checked batch. Returns (http status, answer)."""
+    def learned_key(self, hub, kid):
+        """A key a rotation statement in this hub's chain introduced, or None."""
+        row = self.db.execute("SELECT pem FROM learned_keys WHERE hub = ? AND key_id = ?",
+                              (hub, kid)).fetchone()
+        if row is None:
+            return None
+        try:
+            return batchlib.load_public_key(row[0].encode("ascii"))
+        except (batchlib.BatchError, UnicodeError):
+            return None
+
+    def accept(self, batch, digest, profile=None, learned=()):
+        """Store a signature-checked batch. Returns (http status, answer).
+
+        profile: how to read its records (None: national). learned: [(key_id, public key,
+        by key_id)] the batch's rotation statements introduced, kept only if it is accepted.
+        """
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            status, answer = self._accept(batch, digest)
+            status, answer = self._accept(batch, digest, profile, learned)
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
         return status, answer
 
-    def _accept(self, batch, digest):
+    def _accept(self, batch, digest, profile, learned):
         row = self.db.execute("SELECT hash, answer FROM batches WHERE batch_id = ?",
                               (batch["batch_id"],)).fetchone()
         if row is not None:
@@ -325,6 +393,13 @@ class ProvinceStore:
                 return 200, json.loads(row[1])
             self.count("altered")
             return 409, {"error": "altered", "batch_id": batch["batch_id"]}
+        retired = self.db.execute("SELECT batch_id FROM retired_keys WHERE hub = ? AND key_id = ?",
+                                  (batch["hub"], batch["key_id"])).fetchone()
+        if retired is not None:
+            # A key rotated out must not go on extending the chain: it may be the one lost.
+            self.count("bad_signatures")
+            return 401, {"error": "signature", "detail": "key %s was retired by the rotation "
+                         "in %s" % (batch["key_id"], retired[0])}
         head = self.db.execute("SELECT last_n, last_hash FROM hubs WHERE hub = ?",
                                (batch["hub"],)).fetchone()
         last_n, last_hash = head if head else (0, batchlib.GENESIS)
@@ -334,13 +409,14 @@ class ProvinceStore:
         now = self._received_ms()
         accepted, duplicate, rejected, seen = [], [], [], set()
         for index, record in enumerate(batch["records"]):
-            reason = check_record(record)
+            national = batchlib.national_form(record, profile) if profile else record
+            reason = check_record(record, profile)
             if reason is not None:
-                rid = record.get("voteId") if isinstance(record, dict) else None
+                rid = national.get("voteId") if isinstance(national, dict) else None
                 rejected.append({"id": rid if isinstance(rid, str) else "#%d" % index,
                                  "reason": reason})
                 continue
-            vote_id = record["voteId"]
+            vote_id = national["voteId"]
             if vote_id in seen or self.db.execute(
                     "SELECT 1 FROM records WHERE vote_id = ?", (vote_id,)).fetchone():
                 duplicate.append(vote_id)
@@ -349,26 +425,50 @@ class ProvinceStore:
             self.db.execute(
                 "INSERT INTO records (vote_id, batch_id, rated, satisfaction, fields, "
                 "received_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                (vote_id, batch["batch_id"], record["rated"],
-                 _level(record["satisfaction"]) if record["rated"] else None,
+                (vote_id, batch["batch_id"], national["rated"],
+                 _level(national["satisfaction"]) if national["rated"] else None,
                  json.dumps(record, ensure_ascii=False, sort_keys=True), now))
             accepted.append(vote_id)
         answer = {"batch_id": batch["batch_id"], "accepted": accepted, "duplicate": duplicate,
                   "rejected": rejected}
         self.db.execute(
             "INSERT INTO batches (batch_id, hub, n, prev, hash, sig, key_id, profile, body, "
-            "answer, received_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "answer, received_at_ms, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (batch["batch_id"], batch["hub"], batch["n"], batch["prev"], digest, batch["sig"],
              batch["key_id"], batch["profile"], batchlib.canonical(batch).decode("utf-8"),
-             json.dumps(answer, ensure_ascii=False), now))
+             json.dumps(answer, ensure_ascii=False), now, _envelope_text(batch)))
         self.db.execute("INSERT INTO hubs (hub, last_n, last_hash) VALUES (?, ?, ?) "
                         "ON CONFLICT(hub) DO UPDATE SET last_n = excluded.last_n, "
                         "last_hash = excluded.last_hash", (batch["hub"], batch["n"], digest))
+        self._learn(batch, learned, now)
         if duplicate:
             self.count("duplicates", len(duplicate))
         if rejected:
             self.count("rejected", len(rejected))
         return 200, answer
+
+    def _learn(self, batch, learned, now):
+        hub = batch["hub"]
+        for kid, public, by in learned:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO learned_keys (hub, key_id, pem, by_key, batch_id, "
+                "added_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                (hub, kid, batchlib.public_pem(public).decode("ascii"), by, batch["batch_id"],
+                 now))
+            if cur.rowcount:
+                self.count("learned_keys")
+        # Every key on the rotation path to the key that signed this batch is now retired
+        # for this hub.
+        kid, seen = batch["key_id"], set()
+        while kid not in seen:
+            seen.add(kid)
+            row = self.db.execute("SELECT by_key FROM learned_keys WHERE hub = ? AND key_id = ?",
+                                  (hub, kid)).fetchone()
+            if row is None:
+                break
+            kid = row[0]
+            self.db.execute("INSERT OR IGNORE INTO retired_keys (hub, key_id, batch_id) "
+                            "VALUES (?, ?, ?)", (hub, kid, batch["batch_id"]))
 
     def stats(self):
         one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
@@ -456,22 +556,219 @@ class Faults:
         return (default_ms if self.delay_ms is None else self.delay_ms) / 1000.0
 
 
+# ---------------------------------------------------------------- profiles and hub credentials
+
+class Profiles:
+    """The profiles the receiver speaks, by name and by endpoint path."""
+
+    def __init__(self, profiles):
+        self.by_name = {}
+        for profile in profiles:
+            self.by_name[profile["name"]] = profile
+        if "national" not in self.by_name:
+            self.by_name["national"] = batchlib.load_profile("national")
+        self.by_path = {}
+        for profile in self.by_name.values():
+            self.by_path.setdefault(batchlib.endpoint_path(profile), []).append(profile)
+
+    @classmethod
+    def load(cls, extra_paths=()):
+        """Every shipped profile plus profile files given by path (a file wins over a
+        shipped profile of the same name)."""
+        profiles = dict(batchlib.shipped_profiles())
+        for path in extra_paths:
+            try:
+                profile = batchlib.load_profile(path)
+            except batchlib.ProfileError as exc:
+                raise ProvinceError(str(exc)) from None
+            profiles[profile["name"]] = profile
+        return cls(profiles.values())
+
+    def for_batch(self, name, path):
+        """(profile, None) for a batch naming `name` posted to `path`, or (None, why)."""
+        profile = self.by_name.get(name)
+        if profile is None:
+            # Batches naming a profile the receiver does not know (a file path, an older
+            # name) are read as national records on the national path.
+            if path == batchlib.DEFAULT_PATH:
+                return self.by_name["national"], None
+            return None, "profile %r is not known here" % name
+        if batchlib.endpoint_path(profile) != path:
+            return None, "profile %s is posted to /api/v1%s" % (name,
+                                                                batchlib.endpoint_path(profile))
+        return profile, None
+
+
+class Clients:
+    """The credentials the province issued to each hub: token, app key/secret, SM4 key.
+
+    Empty means an open receiver: requests are not authenticated and nothing can be
+    decrypted (batch signatures are still checked). A file holds
+    {"clients": [{"hub": "hall-7", "token": …, "app_key": …, "app_secret": …, "sm4_key": …}]}.
+    """
+
+    def __init__(self, entries=()):
+        self.entries = []
+        self._by_token, self._by_app_key = {}, {}
+        for entry in entries:
+            self.add(entry)
+
+    @classmethod
+    def from_file(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            entries = data["clients"]
+            if not isinstance(entries, list):
+                raise ValueError("clients must be a list")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProvinceError("%s: unreadable clients file: %s" % (path, exc)) from None
+        clients = cls()
+        for entry in entries:
+            clients.add(entry)
+        return clients
+
+    def add(self, entry):
+        try:
+            entry = batchlib.check_credentials(dict(entry), "client")
+        except (batchlib.CredentialsError, TypeError, ValueError) as exc:
+            raise ProvinceError(str(exc)) from None
+        if not entry.get("hub"):
+            raise ProvinceError("client: every client names its hub")
+        self.entries.append(entry)
+        if entry.get("token"):
+            self._by_token[entry["token"]] = entry
+        if entry.get("app_key"):
+            self._by_app_key[entry["app_key"]] = entry
+
+    def by_token(self, token):
+        return self._by_token.get(token)
+
+    def by_app_key(self, app_key):
+        return self._by_app_key.get(app_key)
+
+    def __len__(self):
+        return len(self.entries)
+
+
+class NonceCache:
+    """Nonces of signed requests seen within the allowed skew, so a replay is refused."""
+
+    def __init__(self, limit=NONCE_CACHE_MAX):
+        self.limit = limit
+        self._seen = collections.OrderedDict()
+        self.forgotten = 0
+
+    def fresh(self, key, now_s, ttl_s):
+        """True (and remembered) when key was not seen within ttl_s."""
+        while self._seen:
+            oldest, expiry = next(iter(self._seen.items()))
+            if expiry > now_s and len(self._seen) < self.limit:
+                break
+            self._seen.popitem(last=False)
+            if expiry > now_s:
+                self.forgotten += 1
+        if key in self._seen:
+            return False
+        self._seen[key] = now_s + ttl_s
+        return True
+
+
+class Refused(Exception):
+    """A request turned away before its batch is looked at: (status, answer, counter)."""
+
+    def __init__(self, status, answer, counter):
+        Exception.__init__(self, answer.get("error"))
+        self.status, self.answer, self.counter = status, answer, counter
+
+
+def authenticate(profiles, clients, nonces, path, headers, data, now_s):
+    """(client or None, how it authenticated: "none" | "token" | "app_key").
+
+    Tries the auth of every profile posted to this path; raises Refused when the receiver has
+    clients and the request proves none of them."""
+    if not len(clients):
+        return None, "none"
+    full_path = "/api/v1" + path
+    for profile in profiles.by_path.get(path, []):
+        auth = profile.get("auth", {})
+        kind = batchlib.auth_type(profile)
+        if kind == "token":
+            value = headers.get(auth.get("header", "Authorization"))
+            prefix = auth.get("prefix", "Bearer ")
+            if value is None or not value.startswith(prefix):
+                continue
+            client = clients.by_token(value[len(prefix):])
+            if client is None:
+                raise Refused(401, {"error": "auth", "detail": "unknown token"}, "auth_failures")
+            return client, "token"
+        if kind == "app_key":
+            names = dict(batchlib.APP_KEY_HEADERS, **auth.get("headers", {}))
+            app_key = headers.get(names["app_key"])
+            if app_key is None:
+                continue
+            return _check_signed_request(auth, names, clients.by_app_key(app_key), full_path,
+                                         headers, data, nonces, now_s), "app_key"
+    raise Refused(401, {"error": "auth", "detail": "no credentials this endpoint accepts"},
+                  "auth_failures")
+
+
+def _check_signed_request(auth, names, client, full_path, headers, data, nonces, now_s):
+    def refuse(why):
+        raise Refused(401, {"error": "auth", "detail": why}, "auth_failures")
+
+    if client is None or not client.get("app_secret"):
+        refuse("unknown app key")
+    timestamp, nonce = headers.get(names["timestamp"], ""), headers.get(names["nonce"], "")
+    digest, signature = headers.get(names["digest"], ""), headers.get(names["signature"], "")
+    if not timestamp.isdigit() or not 8 <= len(nonce) <= 64:
+        refuse("timestamp and nonce headers are required")
+    skew = auth.get("max_skew_s", 300)
+    if abs(now_s - int(timestamp) / 1000.0) > skew:
+        refuse("timestamp outside the allowed %d s" % skew)
+    if not schemes.mac_equal(digest, schemes.digest_hex(auth.get("digest", "sha256"), data)):
+        refuse("body digest does not match the body")
+    expected = batchlib.request_signature(auth.get("mac", "hmac-sha256"), client["app_secret"],
+                                          "POST", full_path, timestamp, nonce, digest)
+    if not schemes.mac_equal(signature, expected):
+        refuse("request signature does not verify")
+    # Only a request that proved the secret can spend a nonce, so nobody can burn another's.
+    if not nonces.fresh((client["app_key"], nonce), now_s, skew * 2):
+        refuse("nonce already used (a replayed request)")
+    return client
+
+
 # ---------------------------------------------------------------- HTTP
 
 STORE = web.AppKey("store", ProvinceStore)
 TRUSTED = web.AppKey("trusted", TrustedKeys)
 FAULTS = web.AppKey("faults", Faults)
 CLOSING = web.AppKey("closing", asyncio.Event)
+PROFILES = web.AppKey("profiles", Profiles)
+CLIENTS = web.AppKey("clients", Clients)
+NONCES = web.AppKey("nonces", NonceCache)
+WALL = web.AppKey("wall", object)
 
 
-def make_app(store, trusted_keys, faults=False, clock=time.monotonic):
-    """The receiver as an aiohttp app. faults=True adds the /_control/faults switch."""
+def make_app(store, trusted_keys, faults=False, clock=time.monotonic, profiles=None,
+             clients=None, wall=time.time):
+    """The receiver as an aiohttp app. faults=True adds the /_control/faults switch.
+
+    profiles: a Profiles (default: every shipped profile); each profile's endpoint path is
+    served under /api/v1. clients: a Clients registry (default: none, an open receiver).
+    wall: the clock signed requests' timestamps are checked against.
+    """
     app = web.Application(client_max_size=MAX_BODY)
     app[STORE] = store
     app[TRUSTED] = _as_trusted(trusted_keys)
     app[FAULTS] = Faults(clock)
+    app[PROFILES] = profiles if profiles is not None else Profiles.load()
+    app[CLIENTS] = clients if clients is not None else Clients()
+    app[NONCES] = NonceCache()
+    app[WALL] = wall
     store.remember_keys(app[TRUSTED])
-    app.router.add_post("/api/v1/batches", _post_batch)
+    for path in sorted(app[PROFILES].by_path):
+        app.router.add_post("/api/v1" + path, _batch_handler(path))
     app.router.add_get("/api/v1/stats", _get_stats)
     app.router.add_get("/api/v1/records", _get_records)
     app.router.add_get("/healthz", _healthz)
@@ -502,7 +799,13 @@ async def _hold(app, seconds):
         pass
 
 
-async def _post_batch(request):
+def _batch_handler(path):
+    async def handler(request):
+        return await _post_batch(request, path)
+    return handler
+
+
+async def _post_batch(request, path="/batches"):
     app = request.app
     store, faults = app[STORE], app[FAULTS]
     mode = faults.current()
@@ -514,7 +817,7 @@ async def _post_batch(request):
         await _hold(app, faults.delay_s(TIMEOUT_HOLD_MS))
         return _json(504, {"error": "injected", "mode": "timeout"})
     raw = await request.read()
-    status, answer = _receive(store, app[TRUSTED], raw)
+    status, answer = receive(app, path, request.headers, raw)
     if mode == "slow":
         await _hold(app, faults.delay_s(SLOW_DELAY_MS))
     elif mode == "drop":
@@ -526,22 +829,82 @@ async def _post_batch(request):
     return _json(status, answer)
 
 
-def _receive(store, trusted, raw):
+def receive(app, path, headers, raw):
+    """One POSTed batch through authentication, decryption, checks and the store."""
+    store = app[STORE]
     try:
-        batch = json.loads(raw.decode("utf-8"))
+        return _receive(store, app[TRUSTED], app[PROFILES], app[CLIENTS], app[NONCES],
+                        app[WALL](), path, headers, raw)
+    except Refused as refused:
+        store.count(refused.counter)
+        return refused.status, refused.answer
+
+
+def _receive(store, trusted, profiles, clients, nonces, now_s, path, headers, raw):
+    client, auth_used = authenticate(profiles, clients, nonces, path, headers, raw, now_s)
+    encrypted = False
+    try:
+        outer = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        store.count("bad_requests")
-        return 400, {"error": "bad_json"}
+        raise Refused(400, {"error": "bad_json"}, "bad_requests") from None
+    if isinstance(outer, dict) and list(outer) == ["encrypted"]:
+        if client is None or not client.get("sm4_key"):
+            raise Refused(400, {"error": "encryption", "detail": "no SM4 key to decrypt with"},
+                          "bad_requests")
+        try:
+            plain = batchlib.decrypt_body(raw, client["sm4_key"])
+            outer = json.loads(plain.decode("utf-8"))
+        except batchlib.BatchError as exc:
+            raise Refused(400, {"error": "encryption", "detail": str(exc)},
+                          "bad_requests") from None
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, {"error": "bad_json"}, "bad_requests") from None
+        encrypted = True
+    batch = outer
     why = check_batch_shape(batch)
     if why is not None:
-        store.count("bad_requests")
-        return 400, {"error": "schema", "detail": why}
-    key = trusted.get(batch["key_id"])
+        raise Refused(400, {"error": "schema", "detail": why}, "bad_requests")
+    profile, why = profiles.for_batch(batch["profile"], path)
+    if profile is None:
+        raise Refused(400, {"error": "profile", "detail": why}, "bad_requests")
+    if client is not None:
+        wanted = batchlib.auth_type(profile)
+        if wanted != "none" and wanted != auth_used:
+            raise Refused(401, {"error": "auth", "detail": "profile %s authenticates with %s"
+                                % (profile["name"], wanted)}, "auth_failures")
+        if client["hub"] != batch["hub"]:
+            raise Refused(403, {"error": "hub", "detail": "these credentials belong to hub %s"
+                                % client["hub"]}, "auth_failures")
+        cipher = batchlib.encryption_cipher(profile)
+        if cipher and not encrypted:
+            raise Refused(400, {"error": "encryption", "detail": "profile %s requires %s"
+                                % (profile["name"], cipher)}, "bad_requests")
+    alg = batch.get("alg", schemes.ED25519)
+    if alg not in batchlib.accepted_schemes(profile):
+        raise Refused(401, {"error": "signature", "detail": "profile %s does not accept %s"
+                            % (profile["name"], alg)}, "bad_signatures")
+    key, learned = resolve_key(store, trusted, batch)
     if key is None or not batchlib.verify_batch(batch, key):
-        store.count("bad_signatures")
-        return 401, {"error": "signature",
-                     "detail": "unknown key" if key is None else "signature does not verify"}
-    return store.accept(batch, batchlib.batch_hash(batch))
+        raise Refused(401, {"error": "signature",
+                            "detail": "unknown key" if key is None else
+                            "signature does not verify"}, "bad_signatures")
+    return store.accept(batch, batchlib.batch_hash(batch), profile, learned)
+
+
+def resolve_key(store, trusted, batch):
+    """(public key for the batch's key_id or None, keys its rotation statements introduce)."""
+    hub, kid = batch["hub"], batch["key_id"]
+
+    def known(key_id):
+        return trusted.get(key_id) or store.learned_key(hub, key_id)
+
+    key = known(kid)
+    learned = batchlib.learn_rotations(batch, known) if batch.get("rotations") else []
+    if key is None:
+        for learned_kid, public, _by in learned:
+            if learned_kid == kid:
+                key = public
+    return key, learned
 
 
 async def _get_stats(request):
@@ -583,7 +946,9 @@ def verify_store(store, trusted=None):
     """Re-check every stored batch and record. Returns a report dict; report["ok"] is the verdict.
 
     trusted: the hub keys to check signatures with; None uses the keys the receiver recorded.
-    Each problem names the batch (or record) and says what is wrong with it.
+    Keys introduced by rotation are learned again from the statements in the stored chain
+    (never from the learned_keys table), and a batch signed by a key an earlier rotation
+    retired is reported. Each problem names the batch (or record) and says what is wrong.
     """
     if trusted is None:
         trusted = store.remembered_keys()
@@ -596,7 +961,7 @@ def verify_store(store, trusted=None):
         problems.append(entry)
 
     rows = store.db.execute(
-        "SELECT batch_id, hub, n, prev, hash, sig, key_id, body, answer FROM batches "
+        "SELECT batch_id, hub, n, prev, hash, sig, key_id, body, answer, envelope FROM batches "
         "ORDER BY hub, n").fetchall()
     heads = dict(store.db.execute("SELECT hub, last_n FROM hubs").fetchall())
     by_hub, bodies = {}, {}
@@ -606,13 +971,14 @@ def verify_store(store, trusted=None):
         stored = {row[2]: row for row in by_hub.get(hub, [])}
         top = max(list(stored) + [heads.get(hub, 0)])
         altered, real_hash = set(), {}
+        keys = HubKeys(hub, trusted)
         for n in range(1, top + 1):
             batch_id = "%s-%d" % (hub, n)
             row = stored.get(n)
             if row is None:
                 problem("missing", batch_id, "batch is not in the store", hub, n)
                 continue
-            why, body = _check_stored_batch(row, trusted)
+            why, body = _check_stored_batch(row, keys)
             real_hash[n] = hashlib.sha256(row[7].encode("utf-8")).hexdigest()
             if why is not None:
                 altered.add(n)
@@ -640,9 +1006,50 @@ def verify_store(store, trusted=None):
     }
 
 
-def _check_stored_batch(row, trusted):
-    """(reason or None, parsed body or None) for one stored batch row."""
-    batch_id, hub, n, prev, digest, sig, kid, body_text, _answer = row
+class HubKeys:
+    """The keys one hub's chain may be signed with, followed batch by batch: the trusted
+    keys, plus keys its rotation statements introduce; keys rotated out are retired."""
+
+    def __init__(self, hub, trusted):
+        self.hub, self.trusted = hub, trusted
+        self.learned, self.by, self.retired = {}, {}, {}
+
+    def get(self, kid):
+        return self.trusted.get(kid) or self.learned.get(kid)
+
+    def learn(self, envelope):
+        for kid, public, by in batchlib.learn_rotations(
+                {"hub": self.hub, "rotations": envelope.get("rotations")}, self.get):
+            if kid not in self.learned:
+                self.learned[kid], self.by[kid] = public, by
+
+    def signed(self, kid, batch_id):
+        """A batch signed by kid is in the chain: every key on its rotation path retires."""
+        seen = set()
+        while kid in self.by and kid not in seen:
+            seen.add(kid)
+            kid = self.by[kid]
+            self.retired.setdefault(kid, batch_id)
+
+
+def _envelope(text):
+    try:
+        envelope = json.loads(text) if text else {}
+    except ValueError:
+        envelope = None
+    return envelope if isinstance(envelope, dict) else None
+
+
+def _check_stored_batch(row, keys):
+    """(reason or None, parsed body or None) for one stored batch row; keys is the HubKeys
+    of its hub, which learns the batch's rotation statements as it goes."""
+    batch_id, hub, n, prev, digest, sig, kid, body_text, _answer, envelope_text = row
+    envelope = _envelope(envelope_text)
+    if envelope is None:
+        return "stored signature envelope is not a JSON object", None
+    # Statements are signed by keys already trusted, so learning them first is safe even
+    # when this batch turns out altered.
+    keys.learn(envelope)
     try:
         body = json.loads(body_text)
     except ValueError:
@@ -654,11 +1061,15 @@ def _check_stored_batch(row, trusted):
     if (body.get("batch_id"), body.get("hub"), body.get("n"), body.get("prev")) != \
             (batch_id, hub, n, prev):
         return "batch columns disagree with the signed body", body
-    key = trusted.get(kid)
+    key = keys.get(kid)
     if key is None:
         return "signed by key %s, which is not trusted" % kid, body
-    if not batchlib.verify_batch(dict(body, sig=sig, key_id=kid), key):
+    if kid in keys.retired:
+        return "signed by key %s, retired by the rotation in %s" % (kid, keys.retired[kid]), body
+    signed = dict(body, sig=sig, key_id=kid, alg=envelope.get("alg", schemes.ED25519))
+    if not batchlib.verify_batch(signed, key):
         return "signature does not verify", body
+    keys.signed(kid, batch_id)
     return None, body
 
 
@@ -691,7 +1102,8 @@ def _check_records(store, bodies, rows):
                 continue
             entry["detail"] = "differs from the record in the signed batch"
         problems.append(entry)
-    for batch_id, _hub, _n, *_rest, answer in rows:
+    for row in rows:
+        batch_id, answer = row[0], row[8]
         try:
             accepted = json.loads(answer).get("accepted", [])
         except (ValueError, AttributeError):
@@ -714,9 +1126,10 @@ class ThreadedReceiver:
     """
 
     def __init__(self, store, trusted, host="127.0.0.1", port=9100, faults=False,
-                 clock=time.monotonic):
+                 clock=time.monotonic, **app_options):
         self.host, self.port = host, port
-        self.app = make_app(store, trusted, faults=faults, clock=clock)
+        # app_options: profiles, clients, wall (see make_app).
+        self.app = make_app(store, trusted, faults=faults, clock=clock, **app_options)
         self._loop = asyncio.new_event_loop()
         self._runner = None
         self._started = threading.Event()
@@ -761,9 +1174,13 @@ class ThreadedReceiver:
         self._thread.join(timeout)
 
 
-def serve(store, trusted, host="127.0.0.1", port=9100, faults=False, print_fn=print):
+def serve(store, trusted, host="127.0.0.1", port=9100, faults=False, print_fn=print,
+          profiles=None, clients=None):
     """Run the receiver until interrupted (Ctrl-C / SIGTERM)."""
-    app = make_app(store, trusted, faults=faults)
-    print_fn("province receiver on http://%s:%d/api/v1 (%d trusted hub keys%s)"
-             % (host, port, len(trusted), ", faults enabled" if faults else ""))
+    app = make_app(store, trusted, faults=faults, profiles=profiles, clients=clients)
+    print_fn("province receiver on http://%s:%d/api/v1 (%d trusted hub keys, profiles %s, %s%s)"
+             % (host, port, len(trusted), ", ".join(sorted(app[PROFILES].by_name)),
+                "%d hub clients" % len(app[CLIENTS]) if len(app[CLIENTS]) else
+                "open: requests are not authenticated",
+                ", faults enabled" if faults else ""))
     web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)

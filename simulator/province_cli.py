@@ -25,18 +25,26 @@ def _trusted(trust, trust_dir):
               help="PEM of a hub public key to trust (repeatable).")
 @click.option("--trust-dir", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Folder whose *.pem hub keys are trusted, re-read when an unknown key signs.")
+@click.option("--profile", "profile_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A profile JSON file to speak besides the shipped ones (repeatable).")
+@click.option("--clients", "clients_path", type=click.Path(exists=True, dir_okay=False),
+              help="Hub credentials JSON; without it requests are not authenticated.")
 @click.option("--faults", is_flag=True, help="Enable fault injection at /_control/faults.")
-def serve(host, port, db_path, trust, trust_dir, faults):
+def serve(host, port, db_path, trust, trust_dir, profile_paths, clients_path, faults):
     """Run the reference provincial receiver until Ctrl-C."""
     from simulator import province
 
     if not trust and not trust_dir:
         raise click.UsageError("no hub key to trust: give --trust PEM or --trust-dir DIR")
     trusted = _trusted(trust, trust_dir)
+    profiles = province.Profiles.load(profile_paths)
+    clients = province.Clients.from_file(clients_path) if clients_path else None
     store = province.ProvinceStore(db_path)
     try:
         province.serve(store, trusted, host=host, port=port, faults=faults,
-                       print_fn=lambda line: click.echo(line, err=True))
+                       print_fn=lambda line: click.echo(line, err=True), profiles=profiles,
+                       clients=clients)
     finally:
         store.close()
 
