@@ -87,6 +87,7 @@ class App:
         self._dn = "pj/" + self.device_id + "/dn/"
         self._up = "pj/" + self.device_id + "/up/"
         self._notify = getattr(board, "event", None)
+        self._feed = getattr(board, "feed", None)  # the watchdog, where the board has one
         # The client first: its receive buffer is the largest block the app allocates,
         # and asking for it before the screens and their bitmaps load avoids fragmentation.
         will = (self._up + "will",
@@ -103,8 +104,8 @@ class App:
         if keys is None:
             keys = Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self.keys = keys
-        if draw is None:
-            import screens  # imported late: the app's tests can run without a display
+        if draw is None and board.display is not None:
+            import screens  # imported late: a board without a panel never loads it
             draw = screens.draw
         self._draw = draw
         self.fw = VERSION
@@ -270,7 +271,7 @@ class App:
               "up": self.uptime_s(), "rst": self.board.reset_cause(), "heap": gc.mem_free(),
               "jd": j.depth, "old": (self.unix_time() - oldest_t) if oldest_t is not None else 0,
               "rc": self.client.reconnects, "rssi": self.board.rssi(), "stuck": self.keys.stuck,
-              "disp": 0 if getattr(self.board.display, "ok", True) else 1, "mis": self.rating.misuse,
+              "disp": 0 if getattr(self.board.display, "ok", False) else 1, "mis": self.rating.misuse,
               "clk": self.clk_correction}
         if birth:
             nxt = j.next_seq
@@ -360,9 +361,10 @@ class App:
         self._drawn_changes = rating.changes
         self._drawn_ms = now
         display = self.board.display
-        self._draw(display, rating.view(), now)
-        if display.show() is False:
-            self.disp_failed += 1
+        if display is not None and self._draw is not None:
+            self._draw(display, rating.view(), now)
+            if display.show() is False:
+                self.disp_failed += 1
         if state != self._drawn_state:
             self._drawn_state = state
             prompt = rating.prompt
@@ -371,6 +373,8 @@ class App:
 
     def step(self, n):
         """One scan of the user interface; n counts scans (for the slower duties)."""
+        if self._feed is not None:
+            self._feed()
         now = self.clock.ticks_ms()
         for stars in self.keys.poll(now):
             self._event({"e": "key", "stars": stars})

@@ -110,7 +110,7 @@ class SimBoard:
         if self.fail_display:
             raise OSError(5)
 
-    def feed_watchdog(self):
+    def feed(self):
         pass
 
     def event(self, obj):

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -293,3 +294,117 @@ def test_a_power_cut_loses_nothing_and_never_reuses_a_sequence(mosquitto):
         assert hub.rejected == []
 
     run(mosquitto, scenario)
+
+
+# The real-board entry point: firmware/main.py on the ESP32-S3 board layer, with the fake
+# machine/network modules of tests/fake_esp32 and the device's files at "/" (a folder
+# remounted as the root, as a board's flash is).
+_ESP_BOOT = """
+import sys, vfs
+vfs.umount("/")
+vfs.mount(vfs.VfsPosix(sys.argv[1]), "/")
+vfs.mount(vfs.VfsPosix(sys.argv[2]), "/fw")
+sys.path[:] = ["/fw", ".frozen", "/"]
+import main
+"""
+
+
+def test_main_py_boots_the_esp32s3_board_and_runs_the_app(mosquitto, micropython, tmp_path):
+    from conftest import ROOT
+    from simulator import build as fwbuild
+
+    build = fwbuild.build()
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    for name in ("machine.py", "network.py"):
+        shutil.copy(os.path.join(ROOT, "tests", "fake_esp32", name), unit / name)
+    shutil.copy(os.path.join(ROOT, "hardware", "boards", "esp32s3-evaluator.json"),
+                unit / "board.json")
+    config = device_config(mosquitto.port)
+    config["wifi"] = {"ssid": "hall", "password": "hall-wifi-pass"}
+    (unit / "config.json").write_text(json.dumps(config))
+    hub = FakeHub(mosquitto.port, {DEVICE: KEY})
+    # A big heap: the fake SPI bus keeps every byte the panel was sent.
+    proc = subprocess.Popen([micropython, "-X", "heapsize=4M", "-c", _ESP_BOOT, str(unit),
+                             build.out_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not hub.births and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert hub.births, proc.stdout.read1().decode() if proc.poll() is not None else "no birth"
+        birth = hub.births[0]
+        assert (birth["d"], birth["board"], birth["rst"], birth["rssi"]) == \
+            (DEVICE, "esp32s3-v1", "power", -61)
+        assert (birth["lo"], birth["next"], birth["jd"]) == (1, 1, 0)
+        hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": None, "win": None,
+                                 "t": int(time.time())}, retain=True)
+        hub.send(DEVICE, "prompt", {"pid": "PESP", "case": "C1", "kind": "ji", "n": 1,
+                                    "item": None, "ttl": 60, "t": int(time.time())})
+        deadline = time.monotonic() + 15
+        while {"pid": "PESP", "st": "shown"} not in hub.evts and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {"pid": "PESP", "st": "shown"} in hub.evts
+        assert (unit / "journal").is_dir()  # the journal lives on the unit's flash
+    finally:
+        proc.kill()
+        proc.wait(10)
+        hub.close()
+
+
+def test_against_the_real_hub_a_power_cut_mid_stream_loses_nothing(tmp_path):
+    """Two devices, the real hub (supervising mosquitto) and the reference province:
+    power cuts right after votes become durable, and every vote arrives exactly once."""
+    import aiohttp
+
+    from simulator.citizens import HubAPI
+    from simulator.run import Hall, Options, ProvinceView
+
+    hall = Hall(Options(devices=2, votes=0), str(tmp_path), lambda line: None)
+
+    async def main():
+        hall.prepare()
+        hall.start_services()
+        fleet = Fleet(str(tmp_path / "devices"))
+        try:
+            async with aiohttp.ClientSession() as session:
+                await hall.wait_ready(session)
+                api = HubAPI(session, hall.http_url)
+                await fleet.start()
+                for device_id in sorted(hall.provisioned):
+                    await api.sign_in(hall.windows[device_id], "10234", "王芳")
+                    fleet.add(device_id, hall.device_config(device_id))
+                    await fleet.spawn(device_id)
+                made = {}
+                for round_no in range(3):
+                    for device_id, dev in fleet.devices.items():
+                        await fleet.wait_for(lambda: dev.connected and dev.state == "IDLE", 60,
+                                             device_id + " idle")
+                        pid = await api.prompt(hall.windows[device_id], "CASE-%d" % round_no,
+                                               ("dept", "task", "事项"))
+                        await fleet.wait_for(lambda: dev.offers.get(pid) == "shown", 15, pid)
+                        await fleet.press(device_id, 5 - round_no)
+                        saved = await fleet.wait_for(
+                            lambda: [s for s in dev.saved.values() if s.pid == pid], 15, pid)
+                        made["%s:%d" % (device_id, saved[0].seq)] = saved[0]
+                        # The power goes the instant the vote is durable: it may or may not
+                        # have left the device yet.
+                        await fleet.restart(device_id)
+                province = ProvinceView(session, hall.province_url)
+                deadline = time.monotonic() + 60
+                while not set(made) <= set(province.records) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    await province.poll()
+                await asyncio.sleep(1.0)
+                await province.poll()
+                stats = await province.stats()
+            assert set(province.records) == set(made)
+            for vote_id, saved in made.items():
+                assert province.records[vote_id]["satisfaction"] == str(saved.stars)
+            assert stats["duplicates"] == 0 and province.repeats == 0
+            assert all(d.boots == 4 for d in fleet.devices.values())
+            assert not fleet.crashed()
+        finally:
+            await fleet.close()
+            hall.stop()
+
+    asyncio.run(main())
