@@ -94,6 +94,13 @@ def _decode(payload, what):
         raise Rejected("bad_json")
 
 
+def _is_v1(obj):
+    # Strictly the integer 1: JSON true and 1.0 compare equal to 1 in Python, and the vote
+    # MAC does not cover "v", so the codec's `!=` test alone would let them through.
+    value = obj.get("v")
+    return type(value) is int and value == codec.PROTO
+
+
 def _is_int(value, lo, hi):
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
@@ -227,6 +234,8 @@ class Ingestor:
     # -- votes ------------------------------------------------------------------------------
     def _vote(self, device_id, payload, result):
         obj = _decode(payload, "vote")
+        if not _is_v1(obj):
+            raise Rejected("schema")
         try:
             vote = codec.validate_vote(obj)
         except codec.CodecError:
@@ -260,7 +269,7 @@ class Ingestor:
     # -- birth, heartbeat, events, will -----------------------------------------------------
     def _birth(self, device_id, payload, result):
         obj = _decode(payload, "birth")
-        if obj.get("v") != codec.PROTO:
+        if not _is_v1(obj):
             raise Rejected("schema")
         self._same_device(obj, device_id)
         lo, nxt = obj.get("lo"), obj.get("next")
@@ -295,7 +304,7 @@ class Ingestor:
 
     def _hb(self, device_id, payload):
         obj = _decode(payload, "hb")
-        if obj.get("v") != codec.PROTO:
+        if not _is_v1(obj):
             raise Rejected("schema")
         self._same_device(obj, device_id)
         health = health_fields(obj)
@@ -318,7 +327,7 @@ class Ingestor:
 
     def _will(self, device_id, payload):
         obj = _decode(payload, "will")
-        if obj.get("v") != codec.PROTO or obj.get("online") is not False:
+        if not _is_v1(obj) or obj.get("online") is not False:
             raise Rejected("schema")
         self._same_device(obj, device_id)
         self._known_device(device_id)

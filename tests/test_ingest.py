@@ -104,6 +104,9 @@ def test_bad_inputs_are_never_stored_and_each_is_counted(store):
         (_up("D0001", "vote", b"[" * 1500), "bad_json"),
         (_up("D0001", "vote", b"\xff\xfe"), "bad_json"),
         (_up("D0001", "vote", dict(good, stars="5")), "schema"),
+        # "v" is not under the MAC: true and 1.0 equal 1 in Python but are not version 1.
+        (_up("D0001", "vote", dict(good, v=True)), "schema"),
+        (_up("D0001", "vote", dict(good, v=1.0)), "schema"),
         (_up("D0001", "vote", b"x" * (codec.MAX_UPLINK + 1)), "too_large"),
         (Uplink("pj/D0001/up/other", b"{}", 0, 1, 0), "unknown_topic"),
         (Uplink("pj/D0001/down/vote", b"{}", 0, 1, 0), "unknown_topic"),
