@@ -1,5 +1,6 @@
 # The hub store: schema migrations, durability settings, the contiguous ack mark, bounded
 # logs, atomic transactions and the status snapshot.
+import json
 import sqlite3
 
 import pytest
@@ -159,3 +160,34 @@ def test_status_counts_backlogs_and_devices(store):
     assert status["backlog"]["unforwarded"] == 1
     assert status["backlog"]["unaccepted_batches"] == 0
     assert status["votes"] == {"stored": 2, "forwarded": 1}
+
+
+def test_hub_status_command_reads_the_store(tmp_path):
+    from click.testing import CliRunner
+
+    from hub.cli import cli
+    from hub.settings import write_default
+
+    settings = write_default(str(tmp_path / "hub.toml"))
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["hub", "status", "--config", settings.source])
+    assert missing.exit_code != 0 and "no hub store yet" in str(missing.exception)
+    store = Store(settings.db_path)
+    _device(store)
+    with store.transaction():
+        store.insert_vote(_vote(1))
+        store.insert_vote(_vote(3))
+        store.advance_contiguous("D0001")
+        store.count_rejection("bad_mac", "D0001", "pj/D0001/up/vote", 400)
+        store.set_state("chain_error", {"batch_id": "hall-1-7"})
+    store.close()
+    out = runner.invoke(cli, ["hub", "status", "--config", settings.source, "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["hub"] == "hall-1" and report["backlog"]["unacked"] == 1
+    assert report["rejections"] == {"bad_mac": 1} and report["devices"]["active"] == 1
+    human = runner.invoke(cli, ["hub", "status", "--config", settings.source])
+    assert human.exit_code == 0
+    assert "1 unacked, 2 unforwarded" in human.output
+    assert "rejections: bad_mac 1" in human.output
+    assert "CHAIN ERROR at hall-1-7" in human.output
