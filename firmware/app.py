@@ -29,7 +29,7 @@ except ImportError:
         return x
 
 from evaluator import VERSION, codec
-from evaluator.journal import JournalFull
+from evaluator.journal import JournalError, JournalFull
 from evaluator.keys import Keys
 
 _UI_MS = const(20)  # key scan period; Keys debounces over several scans
@@ -135,6 +135,8 @@ class App:
         self.evt_dropped = 0
         self.resends = 0
         self.published = 0
+        self.uplink_errors = 0
+        self.draw_errors = 0
 
     # ---- time -------------------------------------------------------------------------
     def unix_time(self):
@@ -175,6 +177,9 @@ class App:
         except OSError:  # flash write or sync failed: not durable, so no thanks
             self.flash_errors += 1
             return self._not_saved(now, "flash")
+        except JournalError:  # a damaged journal refuses appends until it is reopened
+            self.flash_errors += 1
+            return self._not_saved(now, "journal")
         # Durable now (append returned); the thanks screen may follow.
         self.rating.saved(True, now)
         self.saved += 1
@@ -322,6 +327,12 @@ class App:
                 # record stays in the journal, so nothing is lost, only delayed.
                 await asyncio.sleep(0.1)
                 continue
+            except Exception:  # noqa: BLE001 - this task must outlive any single fault
+                # An unreadable journal record or a client bug: counted, retried after a
+                # pause. Ending this task would silently stop every later vote.
+                self.uplink_errors += 1
+                await asyncio.sleep(1)
+                continue
             now = self.clock.ticks_ms()
             if (self.journal.depth and self._sent >= (self.journal.oldest_seq or 0)
                     and self.clock.ticks_diff(now, self._progress_ms) >= self.resend_ms):
@@ -362,7 +373,10 @@ class App:
         self._drawn_ms = now
         display = self.board.display
         if display is not None and self._draw is not None:
-            self._draw(display, rating.view(), now)
+            try:
+                self._draw(display, rating.view(), now)
+            except Exception:  # noqa: BLE001 - a screen bug must not stop the votes
+                self.draw_errors += 1
             if display.show() is False:
                 self.disp_failed += 1
         if state != self._drawn_state:

@@ -151,6 +151,7 @@ class SimBoard:
                         "flash_errors": app.flash_errors, "bad_records": app.bad_records,
                         "bad_downlinks": app.bad_downlinks, "evt_dropped": app.evt_dropped,
                         "resends": app.resends, "published": app.published,
+                        "uplink_errors": app.uplink_errors, "draw_errors": app.draw_errors,
                         "misuse": r.misuse, "rapid": r.rapid, "unrated": r.unrated,
                         "jd": j.depth, "next": j.next_seq, "rc": app.client.reconnects,
                         "state": app.rating.view().get("state"), "stuck": app.keys.stuck})
