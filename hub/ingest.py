@@ -37,7 +37,7 @@ BROKER_INFLIGHT = 20
 # Health fields a device reports in birth and hb (docs/protocol.md "Birth and heartbeat").
 # A known field with the wrong type is a schema rejection; unknown fields are dropped.
 _HEALTH_INTS = ("up", "heap", "jd", "old", "rc", "rssi", "disp", "mis", "clk", "lo", "next")
-_HEALTH_IDS = ("fw", "board", "rst")
+_HEALTH_TEXT = ("fw", "board", "rst")
 _STUCK_MAX = 5
 
 Uplink = collections.namedtuple("Uplink", "topic payload mid qos gen")
@@ -106,24 +106,25 @@ def _is_int(value, lo, hi):
 
 
 def health_fields(obj):
-    """The device health fields of a birth/hb, type-checked (Rejected "schema" if not)."""
+    """The device health fields of a birth/hb, type-checked (Rejected "schema" if not).
+    Any of them may be null: a board that cannot tell (no RSSI while not associated)."""
     out = {}
     for key in _HEALTH_INTS:
         if key in obj:
-            if not _is_int(obj[key], -0x80000000, 0xFFFFFFFF):
+            value = obj[key]
+            if value is not None and not _is_int(value, -0x80000000, 0xFFFFFFFF):
                 raise Rejected("schema")
-            out[key] = obj[key]
-    for key in _HEALTH_IDS:
+            out[key] = value
+    for key in _HEALTH_TEXT:
         if key in obj:
-            try:
-                codec.check_id(obj[key], key)
-            except codec.CodecError:
+            value = obj[key]
+            if value is not None and (not isinstance(value, str) or len(value) > 64):
                 raise Rejected("schema")
-            out[key] = obj[key]
+            out[key] = value
     if "stuck" in obj:
         stuck = obj["stuck"]
-        if not isinstance(stuck, list) or len(stuck) > _STUCK_MAX or \
-                not all(_is_int(x, 1, 5) for x in stuck):
+        if stuck is not None and (not isinstance(stuck, list) or len(stuck) > _STUCK_MAX or
+                                  not all(_is_int(x, 1, 5) for x in stuck)):
             raise Rejected("schema")
         out["stuck"] = stuck
     return out
@@ -315,13 +316,18 @@ class Ingestor:
         obj = _decode(payload, "evt")
         self._same_device(obj, device_id, required=False)
         pid, state = obj.get("pid"), obj.get("st")
-        try:
-            codec.check_id(pid, "pid")
-        except codec.CodecError:
-            raise Rejected("schema")
         if state not in EVT_STATES:
             raise Rejected("schema")
+        try:
+            codec.check_id(pid, "pid", allow_empty=(state == "bad"))
+        except codec.CodecError:
+            raise Rejected("schema")
         self._known_device(device_id)
+        if not pid:
+            # The device could not even read a pid from what we sent it: our fault, not
+            # its; an event for the dashboard rather than a rejection of its report.
+            self.store.add_event(device_id, "bad_prompt")
+            return
         if not self.store.set_prompt_device_state(pid, device_id, state):
             raise Rejected("unknown_prompt")
 

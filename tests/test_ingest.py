@@ -115,6 +115,7 @@ def test_bad_inputs_are_never_stored_and_each_is_counted(store):
         (_up("D0001", "birth", _birth("D0002", 1, 1)), "topic_mismatch"),
         (_up("D0001", "hb", dict(_birth("D0001", 1, 1), stuck="x")), "schema"),
         (_up("D0001", "evt", {"pid": "P1", "st": "exploded"}), "schema"),
+        (_up("D0001", "evt", {"pid": "", "st": "shown"}), "schema"),
         (_up("D0001", "evt", {"pid": "P404", "st": "shown"}), "unknown_prompt"),
         (_up("D9999", "will", {"v": 1, "d": "D9999", "online": False}), "unknown_device"),
     ]
@@ -181,6 +182,13 @@ def test_will_heartbeat_and_prompt_events(store):
                          _up("D0001", "evt", {"pid": pid, "st": "shown"})])
     assert store.health("D0001")["hb"]["rssi"] == -50
     assert store.prompt(pid)["device_state"] == "shown"
+    # A board that cannot tell its RSSI says null; a prompt too broken to name its pid is
+    # reported with an empty one.
+    ingest.handle_group([_up("D0001", "hb", dict(_birth("D0001", 1, 1), rssi=None,
+                                                 fw="0.1.0+sim build")),
+                         _up("D0001", "evt", {"pid": "", "st": "bad"})])
+    assert store.health("D0001")["hb"]["rssi"] is None
+    assert store.events(kind="bad_prompt")[0]["device_id"] == "D0001"
     ingest.handle_group([_vote_up(_vote(1, pid=pid))])
     assert store.prompt(pid)["outcome"] == "voted"
     ingest.handle_group([_up("D0001", "will", {"v": 1, "d": "D0001", "online": False})])
