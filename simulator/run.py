@@ -222,6 +222,17 @@ class Hall:
         # The hub first (it stops its broker), then the province.
         for service in sorted(self.services, key=lambda s: s.name != "hub"):
             service.stop()
+        if self.services and not self.opts.hub_config and self.settings is not None:
+            # The hub runs mosquitto in a session of its own; should the hub have died
+            # before stopping it, this run's broker is stopped here.
+            from hub.broker import running_pid
+
+            pid = running_pid(self.settings)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def device_config(self, device_id: str) -> dict:
         from hub.provision import device_config
