@@ -45,3 +45,46 @@ def test_twenty_devices_every_durable_vote_reaches_the_province_once(tmp_path):
     assert summary["latency_ms"]["p50"] is not None and summary["latency_ms"]["p99"] >= \
         summary["latency_ms"]["p50"], context
     assert summary["ok"] is True and proc.returncode == 0, context
+
+
+def test_firmware_build_is_incremental_and_packs_a_mountable_romfs(tmp_path, micropython):
+    import os
+    import shutil
+
+    from simulator import build
+
+    root = tmp_path / "tree"
+    shutil.copytree(os.path.join(ROOT, "firmware"), root / "firmware",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "simulator").mkdir()
+    for name in build.SIM_MODULES:
+        shutil.copy(os.path.join(ROOT, "simulator", name), root / "simulator" / name)
+    out = str(tmp_path / "out")
+    first = build.build(out, root=str(root))
+    wanted = build.sources(str(root))
+    assert sorted(first.compiled) == sorted(wanted) and "app.mpy" in wanted
+    assert "evaluator/journal.mpy" in wanted and "simdevice.mpy" in wanted
+    assert "build_ui.mpy" not in wanted  # a host-side tool never goes to a device
+    again = build.build(out, root=str(root))
+    assert again.compiled == [] and again.unchanged == len(wanted)
+    with open(root / "firmware" / "app.py", "a") as f:
+        f.write("\n# touched\n")
+    os.unlink(root / "firmware" / "evaluator" / "keys.py")
+    third = build.build(out, root=str(root))
+    assert third.compiled == ["app.mpy"] and third.removed == ["evaluator/keys.mpy"]
+    assert not os.path.exists(os.path.join(out, "evaluator", "keys.mpy"))
+    # The image mounts as MicroPython's VfsRom and holds exactly the compiled modules.
+    script = ("import os, vfs\n"
+              "vfs.mount(vfs.VfsRom(open(%r, 'rb').read()), '/rom')\n"
+              "print(sorted(os.listdir('/rom')), sorted(os.listdir('/rom/evaluator')))\n"
+              % third.romfs)
+    proc = subprocess.run([micropython, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    top = sorted(k for k in wanted if "/" not in k and k != "evaluator/keys.mpy")
+    inner = sorted(k.split("/", 1)[1] for k in wanted if k.startswith("evaluator/")
+                   and k != "evaluator/keys.mpy")
+    listed = proc.stdout.strip()
+    assert listed == "%r %r" % (sorted(top + [d for d in ("board", "evaluator")
+                                              if any(k.startswith(d + "/") for k in wanted)]),
+                               inner), listed
