@@ -39,12 +39,13 @@ class MqttTransport:
     "Transport"): client id and user = device id, clean_session=0, keepalive 30 s, the
     device's last will; subscribed to its downlinks on every connect."""
 
-    def __init__(self, config, keepalive=30, client_factory=None, tls=None):
+    def __init__(self, config, keepalive=30, client_factory=None, tls=None, reconnect_max_s=30):
         self.device_id = config.device_id
         self._config = config
         self._keepalive = keepalive
         self._factory = client_factory
         self._tls = tls
+        self._reconnect_max_s = reconnect_max_s
         self._up = "pj/%s/up/" % self.device_id
         self._dn = "pj/%s/dn/" % self.device_id
         self._events = collections.deque()
@@ -66,7 +67,7 @@ class MqttTransport:
         config = self._config
         client.username_pw_set(config.mqtt_user or self.device_id, config.mqtt_password or None)
         client.will_set(self._up + "will", will_payload(self.device_id), qos=1)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=1, max_delay=self._reconnect_max_s)
         if config.tls:
             client.tls_set_context(self._tls or tls_context(config.ca))
         client.on_connect = self._on_connect
