@@ -95,6 +95,11 @@ CREATE TABLE IF NOT EXISTS learned_keys (
     added_at_ms INTEGER NOT NULL,
     PRIMARY KEY (hub, key_id)
 );
+CREATE TABLE IF NOT EXISTS profiles (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    added_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS retired_keys (
     hub TEXT NOT NULL,
     key_id TEXT NOT NULL,
@@ -356,6 +361,26 @@ class ProvinceStore:
             except (batchlib.BatchError, UnicodeError):
                 continue
         return trusted
+
+    def remember_profiles(self, profiles):
+        """Record the profiles this receiver speaks, so `verify` reads records as they came."""
+        now = self._now_ms()
+        for name, profile in profiles.by_name.items():
+            self.db.execute("INSERT INTO profiles (name, body, added_at_ms) VALUES (?, ?, ?) "
+                            "ON CONFLICT(name) DO UPDATE SET body = excluded.body, "
+                            "added_at_ms = excluded.added_at_ms",
+                            (name, json.dumps(profile, ensure_ascii=False, sort_keys=True), now))
+
+    def remembered_profiles(self):
+        profiles = []
+        for (body,) in self.db.execute("SELECT body FROM profiles ORDER BY name"):
+            try:
+                profile = json.loads(body)
+                batchlib._check_profile(profile, "stored")
+            except (ValueError, batchlib.ProfileError):
+                continue
+            profiles.append(profile)
+        return Profiles(profiles) if profiles else Profiles.load()
 
     def learned_key(self, hub, kid):
         """A key a rotation statement in this hub's chain introduced, or None."""
@@ -767,6 +792,7 @@ def make_app(store, trusted_keys, faults=False, clock=time.monotonic, profiles=N
     app[NONCES] = NonceCache()
     app[WALL] = wall
     store.remember_keys(app[TRUSTED])
+    store.remember_profiles(app[PROFILES])
     for path in sorted(app[PROFILES].by_path):
         app.router.add_post("/api/v1" + path, _batch_handler(path))
     app.router.add_get("/api/v1/stats", _get_stats)
@@ -942,16 +968,19 @@ async def _post_faults(request):
 
 # ---------------------------------------------------------------- audit trail verification
 
-def verify_store(store, trusted=None):
+def verify_store(store, trusted=None, profiles=None):
     """Re-check every stored batch and record. Returns a report dict; report["ok"] is the verdict.
 
     trusted: the hub keys to check signatures with; None uses the keys the receiver recorded.
+    profiles: a Profiles to read records with; None uses the profiles the receiver recorded.
     Keys introduced by rotation are learned again from the statements in the stored chain
     (never from the learned_keys table), and a batch signed by a key an earlier rotation
     retired is reported. Each problem names the batch (or record) and says what is wrong.
     """
     if trusted is None:
         trusted = store.remembered_keys()
+    if profiles is None:
+        profiles = store.remembered_profiles()
     problems = []
 
     def problem(kind, batch_id, detail, hub=None, n=None, vote_id=None):
@@ -996,7 +1025,7 @@ def verify_store(store, trusted=None):
         for n in sorted(stored):
             if n < 1:
                 problem("chain", stored[n][0], "batch number outside the chain", hub, n)
-    problems.extend(_check_records(store, bodies, rows))
+    problems.extend(_check_records(store, bodies, rows, profiles))
     return {
         "ok": not problems,
         "batches": len(rows),
@@ -1073,13 +1102,17 @@ def _check_stored_batch(row, keys):
     return None, body
 
 
-def _check_records(store, bodies, rows):
+def _check_records(store, bodies, rows, profiles):
     problems = []
     signed = {}
     for batch_id, body in bodies.items():
-        for record in body.get("records", []):
-            if isinstance(record, dict) and isinstance(record.get("voteId"), str):
-                signed.setdefault(record["voteId"], (batch_id, record))
+        profile = profiles.by_name.get(body.get("profile")) or profiles.by_name["national"]
+        records = body.get("records")
+        for record in records if isinstance(records, list) else []:
+            vote_id = batchlib.national_form(record, profile).get("voteId") \
+                if isinstance(record, dict) else None
+            if isinstance(vote_id, str):
+                signed.setdefault(vote_id, (batch_id, record))
     known = {row[0] for row in rows}
     stored_ids = set()
     for vote_id, batch_id, fields in store.db.execute(

@@ -80,15 +80,20 @@ def stats(url, as_json):
               help="Check signatures with this hub key instead of the keys the store recorded.")
 @click.option("--trust-dir", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Check signatures with the *.pem keys in this folder.")
+@click.option("--profile", "profile_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Read records with the shipped profiles and this file instead of the "
+                   "profiles the store recorded (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def verify(db_path, trust, trust_dir, as_json):
+def verify(db_path, trust, trust_dir, profile_paths, as_json):
     """Re-check every stored batch: signature, chain links, gaps; exit 1 when anything is wrong."""
     from simulator import province
 
     trusted = _trusted(trust, trust_dir) if (trust or trust_dir) else None
+    profiles = province.Profiles.load(profile_paths) if profile_paths else None
     store = province.ProvinceStore(db_path)
     try:
-        report = province.verify_store(store, trusted)
+        report = province.verify_store(store, trusted, profiles)
     finally:
         store.close()
     if as_json:
