@@ -977,8 +977,7 @@ def verify_store(store, trusted=None, profiles=None):
     (never from the learned_keys table), and a batch signed by a key an earlier rotation
     retired is reported. Each problem names the batch (or record) and says what is wrong.
     """
-    if trusted is None:
-        trusted = store.remembered_keys()
+    trusted = store.remembered_keys() if trusted is None else _as_trusted(trusted)
     if profiles is None:
         profiles = store.remembered_profiles()
     problems = []
