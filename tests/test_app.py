@@ -257,6 +257,38 @@ def test_unacked_records_are_resent_and_the_ack_trims_the_journal(mosquitto):
     run(mosquitto, scenario, flash={"segment_bytes": 1024})
 
 
+def test_a_full_journal_refuses_prompts_until_acks_free_room(mosquitto):
+    async def scenario(fleet, dev, hub):
+        hub.acking = False
+        made = []
+        # Two 1 KB segments: a handful of records, then no room for another vote.
+        while dev.state != "FULL":
+            assert len(made) < 12, "the journal never filled"
+            made.append(await unrated(fleet, dev, hub))
+            await fleet.wait_for(lambda: dev.state in ("IDLE", "FULL"), 15, "rest")
+        assert [s.seq for s in made] == list(range(1, len(made) + 1))
+        pid = "PFULL"
+        hub.send(DEVICE, "prompt", {"pid": pid, "case": "C", "kind": "ji", "n": 1,
+                                    "item": None, "ttl": 60, "t": int(time.time())})
+        await fleet.wait_for(lambda: dev.offers.get(pid), 15, "offer while full")
+        assert dev.offers[pid] == "full"  # the hub learns the device shows the QR code
+        await fleet.wait_for(lambda: {"pid": pid, "st": "full"} in hub.evts, 15, "evt full")
+        await fleet.press(DEVICE, 5)  # a press on the QR screen makes nothing
+        await asyncio.sleep(0.5)
+        assert len(dev.saved) == len(made)
+        # Acks free whole segments: the device takes ratings again, nothing was lost.
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == len(made), 15, "all at hub")
+        hub.acking = True
+        hub.ack(DEVICE)
+        await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE after acks")
+        again = await vote(fleet, dev, hub, 5)
+        assert again.seq == len(made) + 1
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == again.seq, 15, "new vote at hub")
+        assert (await fleet.stats(DEVICE))["misuse"] >= 1
+
+    run(mosquitto, scenario, flash={"journal_segments": 2, "segment_bytes": 1024})
+
+
 def test_a_power_cut_loses_nothing_and_never_reuses_a_sequence(mosquitto):
     async def scenario(fleet, dev, hub):
         hub.acking = False
