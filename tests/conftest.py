@@ -10,6 +10,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The portable core is imported as the device sees it (`evaluator`, `mqtt` from firmware/),
+# and tests read their vectors relative to the repo root, as tests/core/run.py does.
+if os.path.join(ROOT, "firmware") not in sys.path:
+    sys.path.append(os.path.join(ROOT, "firmware"))
+os.chdir(ROOT)
+
 
 def free_port():
     with socket.socket() as s:
