@@ -3,13 +3,13 @@
 # drained by themselves, and a broken chain stops the line. Against the reference receiver.
 import json
 import os
+import socket
 import sqlite3
 import time
 import urllib.request
 
 import pytest
 
-from conftest import free_port
 from firmware.evaluator import codec
 from hub import batch as batchlib
 from hub.forward import Forwarder, ProvinceUnreachable, backoff_s, http_post
@@ -18,6 +18,14 @@ from hub.store import Store
 from simulator.province import ProvinceStore, ThreadedReceiver, verify_store
 
 KEY = bytes(range(32))
+
+
+def free_port():
+    # Local, not from conftest: with tests/core/ collected too, "conftest" is ambiguous.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 
 class Province:

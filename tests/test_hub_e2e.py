@@ -5,6 +5,7 @@
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import urllib.request
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import free_port
 from firmware.evaluator import codec, downlink
 from hub import broker as brokerlib
 from hub import keys, provision
@@ -25,6 +25,14 @@ from simulator.province import ProvinceStore, ThreadedReceiver, verify_store
 
 PINGJIA = os.path.join(os.path.dirname(sys.executable), "pingjia")
 RESEND_S = 1.0   # the firmware waits 10 s without ack progress; tests need not
+
+
+def free_port():
+    # Local, not from conftest: with tests/core/ collected too, "conftest" is ambiguous.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 
 class SimDevice:

@@ -4,6 +4,7 @@
 import json
 import os
 import random
+import socket
 import threading
 import time
 import urllib.request
@@ -11,7 +12,6 @@ import urllib.request
 import paho.mqtt.client as mqtt
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
-from conftest import free_port
 from firmware.evaluator import codec
 from hub import keys
 from hub.app import Hub
@@ -22,6 +22,14 @@ from hub.store import Store
 KEY = bytes(range(32))
 KINDS = ("vote", "birth", "hb", "evt", "will")
 DEVICES = ("D0001", "D0002", "D9999")   # D9999 is not registered
+
+
+def free_port():
+    # Local, not from conftest: with tests/core/ collected too, "conftest" is ambiguous.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 GOOD = codec.make_vote(KEY, "D0001", 1, 1763712000, "v", "P1", "C-1", 2, ["S01"], "nat-1",
                        "W01", "10234")
