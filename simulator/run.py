@@ -554,6 +554,9 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
         "device_heap_peak_bytes": max((d.heap_live_max for d in fleet.devices.values()), default=0),
         "device_heap_bytes": max((d.heap_size for d in fleet.devices.values()), default=0),
         "device_heap_option": opts.heap,
+        # micropython.mem_peak() counts every byte ever allocated minus explicit frees, so
+        # with a garbage collector it overstates the footprint; kept for comparison.
+        "device_mem_peak_bytes": max((d.mem_peak for d in fleet.devices.values()), default=0),
         "device_crashes": len(fleet.crashed()),
         "visit_errors": len(errors),
         "visit_error_examples": [v.error for v in errors[:3]],
