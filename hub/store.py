@@ -157,7 +157,8 @@ class Store:
                               (cur.lastrowid - REJECTION_LOG_MAX,))
 
     def rejections(self):
-        return {r[0]: r[1] for r in self._all("SELECT reason, count FROM rejections ORDER BY reason")}
+        rows = self._all("SELECT reason, count FROM rejections ORDER BY reason")
+        return {r[0]: r[1] for r in rows}
 
     def recent_rejections(self, limit=50):
         return [dict(r) for r in self._all(

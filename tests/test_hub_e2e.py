@@ -366,7 +366,8 @@ def test_sign_in_prompt_vote_and_outcome_round_trip(hall):
     ctx = downlink.check_context(device.latest("ctx"))
     assert ctx["w"] == "W01" and ctx["name"]["h"] == 16
     status, answer = hall.http("POST", "/api/v1/prompts", {
-        "window": "W01", "case_no": "GD2026-0001", "task_code": "T-11", "task_name": "营业执照变更登记",
+        "window": "W01", "case_no": "GD2026-0001", "task_code": "T-11",
+        "task_name": "营业执照变更登记",
         "dept_code": "11440100MB2C93384X", "kind": "ji", "n": 1})
     assert status == 201
     pid = answer["pid"]
@@ -387,7 +388,8 @@ def test_sign_in_prompt_vote_and_outcome_round_trip(hall):
     assert hall.http("POST", "/api/v1/prompts", {"window": "W01", "kind": "zz"})[0] == 400
     assert hall.http("POST", "/api/v1/prompts", {"window": "W99"})[0] == 404
     assert hall.http("GET", "/api/v1/prompts/P999")[0] == 404
-    assert hall.http("POST", "/api/v1/windows/W01/staff", {"staff_no": "1|2", "name": "x"})[0] == 400
+    assert hall.http("POST", "/api/v1/windows/W01/staff",
+                     {"staff_no": "1|2", "name": "x"})[0] == 400
     # Signing out clears the name on the device.
     assert hall.http("DELETE", "/api/v1/windows/W01/staff")[0] == 200
     hall.wait(lambda: device.latest("ctx")["sn"] == "")

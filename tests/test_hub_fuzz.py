@@ -2,7 +2,6 @@
 # every one it turns away. First hypothesis against the Ingestor on a real store, then
 # thousands of malformed payloads through a real broker into a running hub.
 import json
-import os
 import random
 import socket
 import threading
@@ -31,6 +30,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+QUIET = [HealthCheck.function_scoped_fixture]
 GOOD = codec.make_vote(KEY, "D0001", 1, 1763712000, "v", "P1", "C-1", 2, ["S01"], "nat-1",
                        "W01", "10234")
 
@@ -81,7 +81,7 @@ def _fuzzed(tmp_path_factory):
     return _FUZZ["f"]
 
 
-@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=300, deadline=None, suppress_health_check=QUIET)
 @given(kind=st.sampled_from(KINDS), device=st.sampled_from(DEVICES),
        payload=st.binary(max_size=300))
 def test_random_bytes_on_any_uplink_are_counted_never_stored(tmp_path_factory, kind, device,
@@ -96,7 +96,7 @@ def test_random_bytes_on_any_uplink_are_counted_never_stored(tmp_path_factory, k
     fuzz.check_one("pj/%s/up/%s" % (device, kind), payload)
 
 
-@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=300, deadline=None, suppress_health_check=QUIET)
 @given(field=st.sampled_from(sorted(GOOD)), value=json_values)
 def test_any_changed_field_of_a_signed_vote_is_refused(tmp_path_factory, field, value):
     fuzz = _fuzzed(tmp_path_factory)
@@ -108,7 +108,7 @@ def test_any_changed_field_of_a_signed_vote_is_refused(tmp_path_factory, field, 
     fuzz.check_one("pj/D0001/up/vote", json.dumps(forged).encode())
 
 
-@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=200, deadline=None, suppress_health_check=QUIET)
 @given(cut=st.integers(0, len(codec.encode_vote(GOOD)) - 1))
 def test_truncated_votes_are_refused(tmp_path_factory, cut):
     fuzz = _fuzzed(tmp_path_factory)
@@ -125,11 +125,13 @@ def _malformed(rng, n):
     for i in range(n):
         pick = i % 10
         if pick == 0:
-            out.append(("pj/D0001/up/vote", bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))))
+            noise = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))
+            out.append(("pj/D0001/up/vote", noise))
         elif pick == 1:
             out.append(("pj/D0001/up/vote", base[:rng.randrange(len(base))]))
         elif pick == 2:
-            out.append(("pj/D0001/up/vote", b"{\"pad\":\"" + b"x" * rng.randrange(3000, 120000) + b"\"}"))
+            huge = b"{\"pad\":\"" + b"x" * rng.randrange(3000, 120000) + b"\"}"
+            out.append(("pj/D0001/up/vote", huge))
         elif pick == 3:
             vote = dict(GOOD, s=rng.randrange(1, 10 ** 6))  # MAC no longer matches
             out.append(("pj/D0001/up/vote", json.dumps(vote).encode()))
@@ -145,10 +147,12 @@ def _malformed(rng, n):
             out.append(("pj/D0001/up/vote", codec.encode_vote(dict(GOOD, d="D0002"))))
         elif pick == 7:
             key = rng.choice(sorted(GOOD))
-            out.append(("pj/D0001/up/vote", json.dumps(dict(GOOD, **{key: [rng.random()]})).encode()))
+            wrong_type = dict(GOOD, **{key: [rng.random()]})
+            out.append(("pj/D0001/up/vote", json.dumps(wrong_type).encode()))
         elif pick == 8:
             out.append(("pj/D0001/up/%s" % rng.choice(("birth", "hb", "will")),
-                        json.dumps({"v": 1, "d": "D0001", "lo": "x", "next": [], "rssi": "?"}).encode()))
+                        json.dumps({"v": 1, "d": "D0001", "lo": "x", "next": [],
+                                    "rssi": "?"}).encode()))
         else:
             out.append(("pj/D0001/up/%s" % rng.choice(("vote", "evt", "x", "")),
                         b"[" * rng.randrange(1, 2000)))

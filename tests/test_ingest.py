@@ -177,7 +177,8 @@ def test_birth_moves_past_a_wiped_journal_and_records_the_gap(store):
 def test_will_heartbeat_and_prompt_events(store):
     ingest = Ingestor(store)
     with store.transaction():
-        pid = store.create_prompt("D0001", "W01", "C1", "T1", "办理", "D1", "ji", 1, "1", "张三")
+        pid = store.create_prompt("D0001", "W01", "C1", "T1", "办理", "D1", "ji", 1, "1",
+                                  "张三")
     ingest.handle_group([_up("D0001", "hb", _birth("D0001", 1, 1)),
                          _up("D0001", "evt", {"pid": pid, "st": "shown"})])
     assert store.health("D0001")["hb"]["rssi"] == -50

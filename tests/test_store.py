@@ -130,8 +130,8 @@ def test_rejections_are_counted_forever_and_logged_bounded(store):
 def test_prompt_ids_are_sequential_and_outcome_is_first_vote(store):
     _device(store)
     with store.transaction():
-        p1 = store.create_prompt("D0001", "W01", "C1", "T1", "办理", "D1", "ji", 1, "10234", "张三")
-        p2 = store.create_prompt("D0001", "W01", "C2", "T1", "办理", "D1", "ji", 1, "10234", "张三")
+        p1 = store.create_prompt("D0001", "W01", "C1", "T1", "办理", "D1", "ji", 1, "1", "张三")
+        p2 = store.create_prompt("D0001", "W01", "C2", "T1", "办理", "D1", "ji", 1, "1", "张三")
     assert (p1, p2) == ("P1", "P2")
     with store.transaction():
         assert store.set_prompt_outcome("P1", "D0001", "voted", 7)
