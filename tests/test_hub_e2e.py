@@ -253,7 +253,11 @@ class Hall:
         self._ticking.set()
         for device in self.devices:
             device.close()
-        self.stop_hub()
+        try:
+            self.stop_hub()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         # A hub killed last leaves its broker (own session) running: end it by its pid.
         pid = brokerlib.running_pid(self.settings)
         if pid is not None:
