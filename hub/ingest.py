@@ -185,6 +185,18 @@ class Ingestor:
     def _handle(self, up, result):
         parsed = parse_topic(up.topic)
         device_id = parsed[0] if parsed else None
+        conn = self.store.conn
+        # Each uplink in its own savepoint: one that fails half-way leaves no half.
+        conn.execute("SAVEPOINT uplink")
+        try:
+            self._dispatch(up, parsed, device_id, result)
+        except BaseException:
+            conn.execute("ROLLBACK TO uplink")
+            conn.execute("RELEASE uplink")
+            raise
+        conn.execute("RELEASE uplink")
+
+    def _dispatch(self, up, parsed, device_id, result):
         try:
             if parsed is None:
                 raise Rejected("unknown_topic")
@@ -208,6 +220,7 @@ class Ingestor:
             # A bug of ours must not stop the hub or lose count of the input.
             self.internal_errors += 1
             log.exception("ingest: internal error on %s", _safe_topic(up.topic))
+            self.store.conn.execute("ROLLBACK TO uplink")
             self._reject("internal_error", device_id, up)
             result.rejected += 1
 

@@ -335,3 +335,19 @@ def test_service_survives_garbage_and_keeps_storing(tmp_path, mosquitto):
         watcher.close()
         service.stop()
         setup.close()
+
+
+def test_an_internal_error_leaves_nothing_half_done_and_is_counted(store, monkeypatch):
+    ingest = Ingestor(store)
+
+    def broken(*args):
+        raise RuntimeError("a bug after the vote row was written")
+
+    monkeypatch.setattr(store, "set_prompt_outcome", broken)
+    result = ingest.handle_group([_vote_up(_vote(1)), _vote_up(_vote(1, device_id="D0002",
+                                                                   key=KEY2))])
+    assert result.rejected == 2 and result.acks == {}
+    assert store.vote("D0001", 1) is None and store.rejections() == {"internal_error": 2}
+    assert ingest.internal_errors == 2
+    monkeypatch.undo()
+    assert ingest.handle_group([_vote_up(_vote(1))]).acks == {"D0001": 1}
