@@ -178,7 +178,8 @@ def load_board(name_or_path=DEFAULT_BOARD):
         spec = json.loads(raw)
     except FileNotFoundError:
         known = sorted(n[:-5] for n in os.listdir(BOARDS_DIR) if n.endswith(".json"))
-        raise FlashError("board %s: no such board file (known: %s)" % (name_or_path, ", ".join(known)))
+        raise FlashError("board %s: no such board file (known: %s)"
+                         % (name_or_path, ", ".join(known)))
     except (OSError, ValueError) as exc:
         raise FlashError("board %s: not a readable board file (%s)" % (name_or_path, exc))
     name = spec.get("board") if isinstance(spec, dict) else None
@@ -199,7 +200,8 @@ def check_image(path, chip):
     except OSError as exc:
         raise BaseImageFailed("base image %s: %s" % (path, exc.strerror))
     if len(head) < 16 or head[0] != ESP_IMAGE_MAGIC:
-        raise BaseImageFailed("base image %s: not an ESP firmware image (a download error page?)" % path)
+        raise BaseImageFailed("base image %s: not an ESP firmware image (a download error page?)"
+                              % path)
     chip_id = head[12] | (head[13] << 8)
     want = CHIPS[chip][1]
     if chip_id != want:
@@ -486,7 +488,8 @@ try:
     with open(%(config)r) as f:
         c = json.load(f)
     r['device_id'] = c.get('device_id')
-    r['key_tag'] = binascii.hexlify(hashlib.sha256(c.get('key', '').encode()).digest()).decode()[:16]
+    tag = hashlib.sha256(c.get('key', '').encode()).digest()
+    r['key_tag'] = binascii.hexlify(tag).decode()[:16]
 except Exception:
     pass
 try:
@@ -570,11 +573,12 @@ class DeviceInfo:
 def probe(link, board):
     reply = link.query(_PROBE % {"config": CONFIG_FILE, "journal": board.journal_dir,
                                  "manifest": MANIFEST_FILE, "mark": REPLY_MARK})
+    installed = reply.get("installed") if isinstance(reply, dict) else None
     try:
         return DeviceInfo(str(reply["platform"]), str(reply["machine"] or ""),
                           str(reply["version"]), int(reply["mpy"] or 0), reply.get("device_id"),
                           reply.get("key_tag"), int(reply.get("journal") or 0),
-                          reply.get("installed") if isinstance(reply.get("installed"), dict) else None)
+                          installed if isinstance(installed, dict) else None)
     except (KeyError, TypeError, ValueError):
         raise DeviceError("device on %s gave an unexpected probe answer" % link.port)
 
@@ -675,7 +679,8 @@ def _credentials(document, device_id, wifi, source):
     from firmware.evaluator import config as device_config
 
     if document.get("device_id") != device_id:
-        raise FlashError("%s is for device %s, not %s" % (source, document.get("device_id"), device_id))
+        raise FlashError("%s is for device %s, not %s"
+                         % (source, document.get("device_id"), device_id))
     config = {k: v for k, v in document.items() if k not in EXPORT_ONLY}
     if not config.get("tls"):
         config.pop("ca", None)
@@ -747,8 +752,8 @@ def credentials_from_hub(settings, device_id, unit_device_id=None, window=None, 
             raise FlashError("device %s was retired on hub %s: use --replace to bring the id back"
                              % (device_id, settings.hub.id))
         if unit_device_id != device_id:
-            raise FlashError("device %s is already provisioned and this unit is not it (it holds %s):"
-                             " use --replace if it replaces %s" % (
+            raise FlashError("device %s is already provisioned and this unit is not it (it holds "
+                             "%s): use --replace if it replaces %s" % (
                                  device_id, unit_device_id or "no identity", device_id))
         if window is not None and (known.window or "") != window:
             raise FlashError("device %s stands at window %s on the hub, not %s: use --replace to "
@@ -1069,8 +1074,8 @@ def flash(request, tools=None, echo=print, after_copy=None):
     if request.base_image:
         if request.erase:
             _guard_erase(link, board, request, progress)
-        progress.step("base image", "%s for %s%s" % (request.base_image, chip,
-                                                      ", erasing the flash first" if request.erase else ""))
+        erasing = ", erasing the flash first" if request.erase else ""
+        progress.step("base image", "%s for %s%s" % (request.base_image, chip, erasing))
         write_base_image(tools, port.device, request.base_image, chip, request.erase, progress.info)
         wait_for_port(port.device)
     else:
@@ -1155,7 +1160,8 @@ def flash(request, tools=None, echo=print, after_copy=None):
 
     # 7 verify
     result.verified = verify(link, expected)
-    progress.step("verify", "%d files read back from the device: sha256 all match" % result.verified)
+    progress.step("verify", "%d files read back from the device: sha256 all match"
+                  % result.verified)
 
     # 8 restart and first heartbeat
     _restart(link, board, result, progress)
