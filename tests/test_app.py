@@ -18,6 +18,7 @@ from firmware.evaluator import codec
 from firmware.evaluator.journal import Journal
 from simulator.fleet import Fleet
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "D0001"
 WINDOW = "W001"
 KEY = bytes(range(32))
@@ -342,7 +343,6 @@ import main
 
 
 def test_main_py_boots_the_esp32s3_board_and_runs_the_app(mosquitto, micropython, tmp_path):
-    from conftest import ROOT
     from simulator import build as fwbuild
 
     build = fwbuild.build()

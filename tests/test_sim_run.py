@@ -3,12 +3,13 @@
 # reference provincial receiver. Every vote a device made durable must be at the province
 # exactly once and unaltered; forged and replayed votes must not be.
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEVICES = 20
 VISITS = 60
@@ -48,7 +49,6 @@ def test_twenty_devices_every_durable_vote_reaches_the_province_once(tmp_path):
 
 
 def test_firmware_build_is_incremental_and_packs_a_mountable_romfs(tmp_path, micropython):
-    import os
     import shutil
 
     from simulator import build
