@@ -102,7 +102,9 @@ def validate_vote(vote):
     """Raise CodecError unless vote has every field with the right type and range."""
     if not isinstance(vote, dict):
         raise CodecError("vote: not an object")
-    if vote.get("v") != PROTO:
+    proto = vote.get("v")
+    # true and 1.0 compare equal to 1; only the integer 1 is this protocol.
+    if not isinstance(proto, int) or isinstance(proto, bool) or proto != PROTO:
         raise CodecError("v: unsupported protocol version")
     check_id(vote.get("d"), "d")
     _check_int(vote.get("s"), "s", 1, 0xFFFFFFFF)
@@ -168,7 +170,10 @@ def decode_json(payload, what="message"):
         raise CodecError(what + ": too large")
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RuntimeError, MemoryError):
+        # Nesting deeper than the parser copes with raises RecursionError (a RuntimeError)
+        # on CPython and MemoryError on a small MicroPython heap; such a payload is
+        # malformed, not a reason to crash.
         raise CodecError(what + ": not JSON")
     if not isinstance(obj, dict):
         raise CodecError(what + ": not an object")
