@@ -17,7 +17,10 @@ WIFI_PASSWORD_ENV = "PINGJIA_WIFI_PASSWORD"
 
 def _wifi(ssid, password):
     if ssid is None:
-        if password:
+        source = click.get_current_context().get_parameter_source("wifi_password")
+        # A password kept in the environment for the day's work is not a mistake when this
+        # unit's Wi-Fi comes from its provisioning file; one typed on the line is.
+        if password and source != click.core.ParameterSource.ENVIRONMENT:
             raise click.UsageError("--wifi-password needs --wifi-ssid")
         return None
     return {"ssid": ssid, "password": password or ""}

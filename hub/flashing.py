@@ -1048,6 +1048,45 @@ def _identity_guard(info, request, key_tag, board):
     return board.journal_dir
 
 
+def _install_plan(files, board, credentials, version, private):
+    """[(path on the unit, local file)] in copy order, and {path: sha256} to verify.
+
+    Firmware first, then board.json, then the secrets -- made in memory and written only
+    to 0600 files in the private folder `private`, which the caller deletes -- and the
+    manifest last, so a unit whose copy was cut off never has a manifest of it."""
+    plan = [(f.path, f.local) for f in files]
+    expected = {f.path: f.sha256 for f in files}
+    for path, data, secret in ([(BOARD_FILE, board.spec_bytes, False)]
+                               + [(p, d, True) for p, d in credentials.files()]):
+        local = os.path.join(private, path)
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        plan.append((path, local))
+        expected[path] = hashlib.sha256(data).hexdigest()
+    manifest = {"format": MANIFEST_FORMAT, "fw": version, "board": board.name,
+                "files": {f.path: f.sha256 for f in files}}
+    manifest["files"][BOARD_FILE] = expected[BOARD_FILE]
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    local = os.path.join(private, MANIFEST_FILE)
+    with open(local, "wb") as f:
+        f.write(data)
+    plan.append((MANIFEST_FILE, local))
+    expected[MANIFEST_FILE] = hashlib.sha256(data).hexdigest()
+    return plan, expected
+
+
+def _stale_files(info, files, expected, board):
+    """Files to remove before copying: what the unit's previous manifest listed and this
+    install does not, and source modules that would shadow a .mpy (MicroPython imports
+    .py first). Never this install's files, and never anything in the journal."""
+    previous = (info.installed or {}).get("files") or {}
+    stale = {p for p in previous if isinstance(p, str)}
+    stale |= {f.path[:-4] + ".py" for f in files if f.path.endswith(".mpy")}
+    journal = board.journal_dir.strip("/") + "/"
+    return {p for p in stale - set(expected) if not p.strip("/").startswith(journal)}
+
+
 def flash(request, tools=None, echo=print, after_copy=None):
     """Flash one unit as `request` says; returns a FlashResult or raises a FlashError.
 
@@ -1113,46 +1152,18 @@ def flash(request, tools=None, echo=print, after_copy=None):
                          previous_id=info.device_id)
     mark = birth_mark(settings) if settings is not None else 0
 
-    # 6 copy: firmware, board.json, secrets (from memory, via a private temp folder), manifest
-    manifest = {"format": MANIFEST_FORMAT, "fw": version, "board": board.name,
-                "files": {f.path: f.sha256 for f in files}}
-    manifest["files"][BOARD_FILE] = hashlib.sha256(board.spec_bytes).hexdigest()
-    previous = (info.installed or {}).get("files") or {}
-    stale = {p for p in previous if p not in manifest["files"]}
-    # A source module left beside its .mpy would shadow it: MicroPython imports .py first.
-    stale |= {f.path[:-4] + ".py" for f in files if f.path.endswith(".mpy")}
-    # Never anything of the journal's, whatever an old manifest says.
-    journal = board.journal_dir.strip("/") + "/"
-    stale = {p for p in stale if not p.strip("/").startswith(journal)}
+    # 6 copy
     private = tempfile.mkdtemp(prefix="pingjia-flash-")
     try:
-        plan = [(f.path, f.local) for f in files]
-        expected = {f.path: f.sha256 for f in files}
-        local_board = os.path.join(private, BOARD_FILE)
-        with open(local_board, "wb") as f:
-            f.write(board.spec_bytes)
-        plan.append((BOARD_FILE, local_board))
-        expected[BOARD_FILE] = manifest["files"][BOARD_FILE]
-        for path, data in credentials.files():
-            local = os.path.join(private, path)
-            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            plan.append((path, local))
-            expected[path] = hashlib.sha256(data).hexdigest()
-        manifest_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        local_manifest = os.path.join(private, MANIFEST_FILE)
-        with open(local_manifest, "wb") as f:
-            f.write(manifest_bytes)
-        plan.append((MANIFEST_FILE, local_manifest))  # last: written only after the rest
-        expected[MANIFEST_FILE] = hashlib.sha256(manifest_bytes).hexdigest()
+        plan, expected = _install_plan(files, board, credentials, version, private)
         result.files = len(plan)
         result.bytes = sum(os.path.getsize(local) for _, local in plan)
         progress.step("copy", "%d files, %d bytes to %s%s" % (
             result.files, result.bytes, port.device,
             "; wiping the journal of %s" % info.device_id if wipe else ""))
         result.copied, result.up_to_date, result.removed, result.journal_wiped = copy_files(
-            link, plan, remove=stale - set(expected), wipe=wipe, report=progress.info)
+            link, plan, remove=_stale_files(info, files, expected, board), wipe=wipe,
+            report=progress.info)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     if after_copy is not None:
