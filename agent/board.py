@@ -91,7 +91,8 @@ def _check_display(dspec, where):
         raise BoardError("%s: bus must be spi or i2c" % where)
     if not _int(dspec.get("width"), 8, 512) or not _int(dspec.get("height"), 8, 256):
         raise BoardError("%s: width and height" % where)
-    if dspec["bus"] == "spi" and not (_int(dspec.get("dc"), 0, 27) and _int(dspec.get("res"), 0, 27)):
+    spi_pins = _int(dspec.get("dc"), 0, 27) and _int(dspec.get("res"), 0, 27)
+    if dspec["bus"] == "spi" and not spi_pins:
         raise BoardError("%s: spi needs dc and res GPIOs" % where)
     if dspec.get("rotate", 0) not in (0, 1, 2, 3):
         raise BoardError("%s: rotate must be 0..3" % where)

@@ -52,11 +52,11 @@ def agent():
 
 @agent.command()
 @click.option("--config", "-c", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="The device config from provisioning (JSON, as `pingjia device add --export` writes).")
+              help="The device config: the provisioning file `pingjia device add --export` writes.")
 @click.option("--board", "-b", "board_path", required=True, type=click.Path(dir_okay=False),
               help="The board file (hardware/boards/rpi-evaluator.json).")
 @click.option("--state-dir", envvar="STATE_DIRECTORY",
-              help="Folder for the journal and lock [env STATE_DIRECTORY, else the config's folder].")
+              help="Journal and lock folder [env STATE_DIRECTORY, else the config's folder].")
 @click.option("--display", "display_name", help="Display entry of the board file to use "
               "instead of its default (ssd1322, ssd1306, sh1106).")
 @click.option("--gpio", type=click.Choice(["gpiozero", "rpi"]), default="gpiozero",

@@ -62,7 +62,8 @@ class MqttTransport:
     def start(self):
         import paho.mqtt.client as mqtt
 
-        factory = self._factory or (lambda **kw: mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw))
+        factory = self._factory or (
+            lambda **kw: mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw))
         client = factory(client_id=self.device_id, clean_session=False)
         config = self._config
         client.username_pw_set(config.mqtt_user or self.device_id, config.mqtt_password or None)

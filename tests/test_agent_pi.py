@@ -104,7 +104,8 @@ class Hall:
     def province_record(self, vote_id):
         conn = sqlite3.connect(os.path.join(self.folder, "province.db"))
         try:
-            row = conn.execute("SELECT fields FROM records WHERE vote_id = ?", (vote_id,)).fetchone()
+            row = conn.execute("SELECT fields FROM records WHERE vote_id = ?",
+                               (vote_id,)).fetchone()
             return json.loads(row[0]) if row else None
         finally:
             conn.close()

@@ -123,7 +123,8 @@ def test_hello_until_a_bridge_answers_then_a_session_and_birth_can_go():
     assert link.connected and events == [True] and link.sessions == 1
     port.sent[:] = b""
     mid = link.publish("birth", b'{"v":1}', 1)
-    assert frames_of(bytes(port.sent)) == [(S.PUB, struct.pack("<HBB", mid, 1, 5) + b'birth{"v":1}')]
+    expected = struct.pack("<HBB", mid, 1, 5) + b'birth{"v":1}'
+    assert frames_of(bytes(port.sent)) == [(S.PUB, expected)]
     assert not link.acked(mid) and link.inflight == 1
     port.to_device.extend(frame(S.PUBACK, struct.pack("<H", mid)))
     link.poll(30)
