@@ -478,8 +478,28 @@ def test_every_exit_code_and_option_is_documented():
     assert len(codes) == len(EXIT_CODES)
     for cls in EXIT_CODES:
         assert "| %d |" % cls.exit_code in doc, cls.__name__
+    from click.testing import CliRunner
+
+    from hub.cli import cli
     from hub.cli_flash import flash_command
+    shown = CliRunner().invoke(cli, ["device", "flash", "--help"])
+    assert shown.exit_code == 0 and "--device-id" in shown.output
     for param in flash_command.params:
         for opt in param.opts:
             if opt.startswith("--"):
                 assert "`%s" % opt in doc, opt
+
+
+def test_a_unit_without_a_micropython_repl_is_a_clear_error(tmp_path, boards, hub, build_dir):
+    # What mpremote says when the far end is not MicroPython (a factory-fresh board, another
+    # firmware); a real mpremote takes ten seconds to give up, a stand-in says it at once.
+    board = boards()
+    _, path = exported(hub, tmp_path, "D0017")
+    standin = tmp_path / "mpremote_standin.py"
+    standin.write_text("import sys\nprint('mpremote: could not enter raw repl')\nsys.exit(1)\n")
+    proc = run_flash_sh(["--device-id", "D0017", "--board", "sim", "--provisioning", path,
+                         "--port", board.port, "--build-dir", build_dir],
+                        {"PINGJIA_MPREMOTE": "%s %s" % (sys.executable, standin)})
+    assert proc.returncode == 11
+    assert proc.stderr.strip() == ("error: no MicroPython REPL answers on %s: a new board needs "
+                                   "--base-image; a running app may need a RESET" % board.port)
