@@ -26,7 +26,7 @@ from PIL import Image
 
 from agent import board as boardlib
 from agent.runtime import Evaluator
-from agent.transport import MqttTransport
+from agent.transport import MqttTransport, client_cert_files, tls_context
 from conftest import ROOT, free_port
 from firmware.evaluator import codec
 from firmware.evaluator.config import Config
@@ -43,16 +43,19 @@ DOCS_AGENT = os.path.join(ROOT, "docs", "agent")
 class Hall:
     """A hub (in this process, with its supervised broker) and the reference province."""
 
-    def __init__(self, folder, devices):
+    def __init__(self, folder, devices, broker=None, client_cert=False):
         self.folder = folder
         self.province_port = free_port()
         self.settings = write_default(
             os.path.join(folder, "hub.toml"),
-            broker={"port": free_port()}, http={"port": free_port()},
+            broker=dict(broker or {}, port=free_port()), http={"port": free_port()},
             province={"endpoint": "http://127.0.0.1:%d/api/v1" % self.province_port,
                       "batch_interval_ms": 100, "retry_max_s": 0.5, "timeout_s": 3.0})
         self.signing_key = keys.ensure_signing_key(self.settings.signing_key_path)
-        self.provisioned = {d: provision.add_device(self.settings, d, window=w)
+        if self.settings.broker.tls_port:
+            keys.ensure_hall_tls(self.settings)
+        self.provisioned = {d: provision.add_device(self.settings, d, window=w,
+                                                    client_cert=client_cert)
                             for d, w in devices}
         self.hub = None
         self.province_store = ProvinceStore(os.path.join(folder, "province.db"))
@@ -60,7 +63,9 @@ class Hall:
                                          port=self.province_port).start()
 
     def config(self, device_id):
-        return provision.device_config(self.provisioned[device_id])
+        """The provisioning file the technician copies to the device (`--export`)."""
+        return provision.export_provisioning(self.settings, device_id,
+                                             provisioned=self.provisioned[device_id])
 
     def start_hub(self):
         self.hub = Hub(self.settings)
@@ -141,7 +146,7 @@ def wait_for(check, timeout=30, what="condition"):
 class PiEvaluator:
     """agent/runtime.py in a thread, as `pingjia agent run` runs it, on mock hardware."""
 
-    def __init__(self, config, journal_dir, frames_dir, factory):
+    def __init__(self, config, journal_dir, frames_dir, factory, tls=None):
         self.factory = factory
         spec = boardlib.load_spec(BOARD_FILE)
         self.frames = frames_dir
@@ -153,7 +158,7 @@ class PiEvaluator:
         self.pins = {k["stars"]: factory.pin(k["pin"]) for k in spec["keys"]}
         self.journal = Journal(journal_dir, segments=16, segment_bytes=4096)
         self.events = []
-        self.transport = MqttTransport(Config(config), reconnect_max_s=1)
+        self.transport = MqttTransport(Config(config), reconnect_max_s=1, tls=tls)
         self.ev = Evaluator(Config(config), self.board, self.journal, self.transport,
                             on_event=self.events.append)
         self.stop = threading.Event()
@@ -288,6 +293,30 @@ def test_a_vote_made_while_the_hub_is_away_survives_an_agent_restart(hall, tmp_p
         assert "conflict" not in rejected and "bad_mac" not in rejected
     finally:
         again.close()
+
+
+def test_a_pi_evaluator_reaches_a_tls_broker_with_the_hall_ca_and_its_client_certificate(
+        tmp_path):
+    hall = Hall(str(tmp_path), [("PI0002", "W06")],
+                broker={"tls_port": free_port(), "require_client_cert": True}, client_cert=True)
+    pi = None
+    try:
+        hall.start_hub()
+        config = hall.config("PI0002")
+        assert config["tls"] and config["hub_port"] == hall.settings.broker.tls_port
+        cert, key = client_cert_files(Config(config), str(tmp_path))
+        assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+        pi = PiEvaluator(config, str(tmp_path / "journal"), str(tmp_path / "frames"),
+                         MockFactory(), tls=tls_context(config["ca"], cert, key))
+        wait_for(lambda: hall.online("PI0002"), what="the birth over TLS")
+        hall.prompt("W06", "T-1", "出入境证件")
+        wait_for(lambda: pi.state() == "PROMPT", what="the prompt over TLS")
+        pi.press(5)
+        wait_for(lambda: hall.province_ids() == ["PI0002:1"], what="the vote over TLS")
+    finally:
+        if pi is not None:
+            pi.close()
+        hall.close()
 
 
 def test_pingjia_agent_run_starts_under_systemd_and_stops_on_sigterm(hall, tmp_path):
