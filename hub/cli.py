@@ -46,7 +46,8 @@ _register()
 
 def main():
     try:
-        cli.main(standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(n)'s code instead of exiting.
+        code = cli.main(standalone_mode=False)
     except PingjiaError as exc:
         click.echo("error: %s" % exc, err=True)
         sys.exit(1)
@@ -58,3 +59,8 @@ def main():
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
