@@ -36,6 +36,8 @@ from .transport import tls_context, will_payload
 log = logging.getLogger("pingjia.agent.bridge")
 
 LINK_TIMEOUT_S = 5.0  # no frame from the device this long: it is gone
+DACK_RETRY_S = 3.0  # a MSG without its DACK this long goes again (the frame or DACK was lost)
+DACK_TRIES = 3  # ... this many times, then the session is restarted (see _retry_downlinks)
 KEEPALIVE_S = 30
 _RETAINED = ("ctx", "cat")  # replayed to a device that says HELLO again
 _MAX_PENDING = 256
@@ -229,7 +231,9 @@ class Bridge:
         self._gen = struct.unpack("<H", os.urandom(2))[0]
         self._session_gen = None
         self._next_id = 0
-        self._pending = {}  # MSG id -> (paho mid, qos): downlinks awaiting the device's DACK
+        # MSG id -> [paho mid, qos, kind, payload, retained, sent at, tries]: downlinks
+        # awaiting the device's DACK
+        self._pending = {}
         self._mids = {}  # paho mid -> device mid: uplinks awaiting the broker's PUBACK
         self._retained = {}  # last ctx/cat payloads for this identity
         self.counters = collections.Counter()
@@ -338,7 +342,7 @@ class Bridge:
         if pending is None:
             self.counters["stale_dacks"] += 1
             return
-        mid, qos = pending
+        mid, qos = pending[0], pending[1]
         if self.session is not None:
             self.session.client.ack(mid, qos)
             log.debug("MSG %d taken by the device: acked to the broker", msg_id)
@@ -401,7 +405,7 @@ class Bridge:
             if len(self._pending) >= _MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
                 self.counters["dack_map_dropped"] += 1
-            self._pending[msg_id] = (mid, qos)
+            self._pending[msg_id] = [mid, qos, suffix, payload, retained, self.clock(), 1]
         if dup:
             self.counters["redelivered_down"] += 1  # the broker's second try: the last one
             # never reached the device (no DACK), or its DACK never reached us
@@ -410,6 +414,28 @@ class Bridge:
             log.debug("downlink %s (%d bytes%s) to %s as MSG %d", suffix, len(payload),
                       ", a repeat" if dup else "",
                       session.identity.device_id, msg_id)
+
+    def _retry_downlinks(self):
+        """A MSG frame or its DACK lost on a live wire: send the MSG again (the device takes
+        a repeat as MQTT's QoS 1 allows). After DACK_TRIES, restart the session instead of
+        acking: the broker then delivers it again, and its window of unacked messages to
+        this device cannot fill up and stall."""
+        now = self.clock()
+        for msg_id, entry in list(self._pending.items()):
+            if now - entry[5] < DACK_RETRY_S:
+                continue
+            if entry[6] >= DACK_TRIES:
+                self.counters["dack_give_up"] += 1
+                log.warning("device %s did not confirm downlink %s after %d tries: "
+                            "restarting its session", self.identity.device_id, entry[2],
+                            entry[6])
+                # No will: the device is alive and says HELLO again within a second.
+                self._detach("downlink unconfirmed", publish_will=False)
+                return
+            entry[5] = now
+            entry[6] += 1
+            self.counters["msg_resent"] += 1
+            self._msg(entry[2], entry[3], entry[4], msg_id)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _detach(self, why, publish_will=True):
@@ -435,6 +461,8 @@ class Bridge:
             self._rx.feed(data, self._on_frame)
         while self._events:
             self._mqtt_event(self._events.popleft())
+        if self._pending and self.identity is not None:
+            self._retry_downlinks()
         if self.identity is not None and self.clock() - self._last_rx > self.link_timeout_s:
             self._detach("device silent for %.0f s" % self.link_timeout_s)
 

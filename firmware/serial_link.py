@@ -212,7 +212,7 @@ class Link:
     """
 
     def __init__(self, port, hello, on_message=None, on_session=None, ping_ms=1000,
-                 timeout_ms=5000, max_body=MAX_BODY, max_inflight=16):
+                 timeout_ms=5000, max_body=MAX_BODY, max_inflight=16, puback_ms=10000):
         self._port = port
         self._hello = hello
         self.on_message = on_message
@@ -224,7 +224,9 @@ class Link:
         self._head = bytearray(4)
         self._mid = 0
         self._inflight = []  # mids of QoS 1 publishes without PUBACK
+        self._sent_ms = []  # when each of them went out
         self._max_inflight = max_inflight
+        self.puback_ms = puback_ms
         self._now = ticks_ms()
         self._rx_ms = self._now
         self._tx_ms = self._now
@@ -239,6 +241,7 @@ class Link:
         self.read_errors = 0
         self.write_errors = 0
         self.unknown = 0  # frames of a type this side does not take, or too short
+        self.puback_timeouts = 0
         self.callback_errors = 0
 
     @property
@@ -278,13 +281,18 @@ class Link:
         struct.pack_into("<HBB", self._head, 0, mid, 1 if qos else 0, len(topic))
         if qos:
             self._inflight.append(mid)
+            self._sent_ms.append(self._now)
         try:
             self._send(PUB, self._head, topic, payload)
         except OSError:
             if qos:
-                self._inflight.remove(mid)
+                self._forget(self._inflight.index(mid))
             raise
         return mid
+
+    def _forget(self, i):
+        self._inflight.pop(i)
+        self._sent_ms.pop(i)
 
     # -- receiving ---------------------------------------------------------------------------
     def poll(self, now=None):
@@ -299,6 +307,11 @@ class Link:
             if not data:
                 break
             self.rx.feed(data, self._on_frame)
+        # A PUB or its PUBACK lost on the wire would hold a place for ever: give it up
+        # after puback_ms (counted). The record is still in the journal and goes again.
+        while self._sent_ms and ticks_diff(now, self._sent_ms[0]) >= self.puback_ms:
+            self._forget(0)
+            self.puback_timeouts += 1
         if self.linked and ticks_diff(now, self._rx_ms) >= self.timeout_ms:
             self.link_losses += 1
             self.linked = False
@@ -316,6 +329,7 @@ class Link:
 
     def _down(self):
         del self._inflight[:]
+        del self._sent_ms[:]
         if self.session:
             self.session = False
             self._tell_session(False)
@@ -374,7 +388,7 @@ class Link:
         elif ftype == PUBACK and n >= 2:
             mid = body[0] | body[1] << 8
             if mid in self._inflight:
-                self._inflight.remove(mid)
+                self._forget(self._inflight.index(mid))
         else:
             self.unknown += 1
 

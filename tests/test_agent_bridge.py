@@ -239,6 +239,30 @@ def test_downlinks_are_acked_to_the_broker_only_after_the_device_has_them():
     assert rig.client.acked == [55]
 
 
+def test_an_unconfirmed_downlink_goes_again_then_the_session_restarts():
+    rig = Rig()
+    rig.hello()
+    rig.step()
+    client = rig.client
+    client.connect()
+    rig.step()
+    client.deliver("prompt", b'{"pid":"P1"}', mid=31)
+    rig.step()
+    first = [b for t, b in rig.frames() if t == S.MSG]
+    for _ in range(bridgelib.DACK_TRIES - 1):
+        rig.send(S.PING)  # the device is alive; only the MSG (or its DACK) got lost
+        rig.step(bridgelib.DACK_RETRY_S + 0.1)
+        again = [b for t, b in rig.frames() if t == S.MSG]
+        assert again == first  # the same frame, the same id
+    rig.send(S.PING)
+    rig.step(bridgelib.DACK_RETRY_S + 0.1)
+    # Never acked to the broker: a new session gets it again from there.
+    assert client.acked == [] and client.disconnected and rig.bridge.identity is None
+    assert client.published == []  # no will: the device is not gone
+    assert rig.bridge.counters["msg_resent"] == bridgelib.DACK_TRIES - 1
+    assert rig.bridge.counters["dack_give_up"] == 1
+
+
 def test_a_silent_device_ends_the_session_with_its_will():
     rig = Rig()
     rig.hello()

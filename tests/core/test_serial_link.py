@@ -147,6 +147,22 @@ def test_downlinks_are_delivered_then_dacked():
                                            (S.DACK, struct.pack("<H", 514))]
 
 
+def test_a_lost_puback_frees_its_place_after_puback_ms():
+    port = FakePort()
+    link, events, _ = _link(port)
+    port.to_device.extend(status(S.ST_UP))
+    link.poll(0)
+    lost = link.publish("vote", b"{}", 1)
+    port.to_device.extend(status(S.ST_UP))  # the link is alive, only the PUBACK was lost
+    link.poll(9000)
+    kept = link.publish("vote", b"{}", 1)
+    assert link.inflight == 2
+    port.to_device.extend(status(S.ST_UP))
+    link.poll(10000)
+    assert link.acked(lost) and not link.acked(kept) and link.puback_timeouts == 1
+    assert link.connected
+
+
 def test_silence_ends_the_session_and_hello_starts_again():
     port = FakePort()
     link, events, _ = _link(port)
