@@ -289,4 +289,7 @@ def make_app(store, downlink, hub_id, health=None):
 def open_api(settings, downlink, clock=time.time, health=None):
     """The app for these settings with its own store connection: (app, store)."""
     store = Store(settings.db_path, clock=clock)
-    return make_app(store, downlink, settings.hub.id, health), store
+    app = make_app(store, downlink, settings.hub.id, health)
+    from .dashboard import setup_dashboard  # the hall manager's pages and /metrics
+    setup_dashboard(app, settings, clock=clock, health=health)
+    return app, store
