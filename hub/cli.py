@@ -30,11 +30,13 @@ def _register():
     from hub.cli_run import register as register_run
     from hub.cli_flash import register as register_flash
     from hub.cli_keys import register as register_keys
+    from hub.cli_devices import register as register_devices
 
     register_admin(hub, device)
     register_run(hub)
     register_flash(device)
     register_keys(hub)
+    register_devices(hub)
 
     cli.add_command(sim)
     cli.add_command(province)
