@@ -161,6 +161,42 @@ class IngestSection:
         _check_int("ingest.max_wait_ms", self.max_wait_ms, 0)
 
 
+WEBHOOK_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class DashboardSection:
+    """[dashboard]: the hall manager's pages, alerts and when a silent device is offline."""
+    utc_offset_hours: int = 8  # the hall's clock for "today" (China Standard Time)
+    session_hours: int = 12  # a manager's login lasts this long
+    offline_after_s: int = 90  # no word from a device for this long: offline, will or not
+    webhook_url: str = ""  # "" = alerts only on the page
+    webhook_format: str = "json"  # json | text (a group robot's {"msgtype":"text"} message)
+    webhook_secret: str = field(default="", repr=False)  # HMAC-SHA256 header when set
+    webhook_attempts: int = 8  # tries per alert before it is counted as failed
+    # Several halls on one hub: hall id -> window patterns (fnmatch). Empty: one hall, hub.id.
+    halls: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_int("dashboard.utc_offset_hours", self.utc_offset_hours, -12, 14)
+        _check_int("dashboard.session_hours", self.session_hours, 1, 24 * 30)
+        _check_int("dashboard.offline_after_s", self.offline_after_s, 10)
+        _check_str("dashboard.webhook_url", self.webhook_url)
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise _bad("dashboard.webhook_url", "must be empty or start with http:// or https://")
+        if self.webhook_format not in WEBHOOK_FORMATS:
+            raise _bad("dashboard.webhook_format", "must be one of %s" % ", ".join(WEBHOOK_FORMATS))
+        _check_str("dashboard.webhook_secret", self.webhook_secret)
+        _check_int("dashboard.webhook_attempts", self.webhook_attempts, 1, 100)
+        if not isinstance(self.halls, dict):
+            raise _bad("dashboard.halls", "must be a table of hall id = [window patterns]")
+        for hall, patterns in self.halls.items():
+            _check_id("dashboard.halls", hall)
+            if not isinstance(patterns, list) or not patterns or \
+                    not all(isinstance(p, str) and p for p in patterns):
+                raise _bad("dashboard.halls.%s" % hall, "must be a non-empty list of patterns")
+
+
 SECTIONS = {
     "hub": HubSection,
     "broker": BrokerSection,
@@ -168,6 +204,7 @@ SECTIONS = {
     "province": ProvinceSection,
     "keys": KeysSection,
     "ingest": IngestSection,
+    "dashboard": DashboardSection,
 }
 
 
@@ -192,6 +229,7 @@ class Settings:
     province: ProvinceSection = field(default_factory=ProvinceSection)
     keys: KeysSection = field(default_factory=KeysSection)
     ingest: IngestSection = field(default_factory=IngestSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     base_dir: str = "."
     source: str | None = None  # the file these came from, if any
 
