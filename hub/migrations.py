@@ -66,8 +66,50 @@ def _m1_core(db):
     db["hub_state"].create({"key": str, "value": str}, pk="key")
 
 
+def _m2_dashboard(db):
+    # Hall managers and their logins. Only a password hash is kept (hub/dashboard.py).
+    db["managers"].create({"name": str, "hall": str, "display_name": str, "pw_hash": str,
+                           "created_at": str, "disabled": int}, pk="name",
+                          not_null={"hall", "pw_hash", "created_at"}, defaults={"disabled": 0})
+    # A session cookie is a random token; the store holds only its SHA-256.
+    db["manager_sessions"].create({"token_hash": str, "manager": str, "hall": str,
+                                   "created_at": str, "expires_at": float}, pk="token_hash",
+                                  not_null={"manager", "hall", "expires_at"})
+    # Alerts for bad ratings and device trouble. `ref` makes raising one idempotent (a vote
+    # "<d>:<s>", a state event id); ack_* says who acknowledged it and when; hook_* is the
+    # webhook delivery, retried from here after a hub restart.
+    db["alerts"].create({
+        "id": int, "at": str, "hall": str, "kind": str, "ref": str, "device_id": str,
+        "window": str, "detail": str, "acked_by": str, "acked_at": str, "resolved_at": str,
+        "hook_state": str, "hook_attempts": int, "hook_next_at": float, "hook_error": str,
+    }, pk="id", not_null={"at", "hall", "kind", "ref", "hook_state", "hook_attempts"},
+        defaults={"hook_state": "off", "hook_attempts": 0})
+    db.execute("CREATE UNIQUE INDEX alerts_ref ON alerts(kind, ref)")
+    db.execute("CREATE INDEX alerts_open ON alerts(hall, id) WHERE acked_at IS NULL")
+    db.execute("CREATE INDEX alerts_hook ON alerts(hook_next_at) WHERE hook_state = 'pending'")
+    # The derived state of each device (hub/health.py); changes also go to `events`.
+    db["device_state"].create({"device_id": str, "state": str, "reasons": str, "since": str,
+                               "checked_at": str}, pk="device_id", not_null={"state"})
+    # Heartbeat samples for the device page's history; bounded per device by the monitor.
+    db["health_samples"].create({"id": int, "device_id": str, "at": str, "t": float,
+                                 "up": int, "heap": int, "jd": int, "old": int, "rc": int,
+                                 "rssi": int, "mis": int, "clk": int}, pk="id",
+                                not_null={"device_id", "at", "t"})
+    db.execute("CREATE INDEX health_samples_device ON health_samples(device_id, id)")
+    # Cumulative latency histograms for /metrics (bucket "+Inf", and "_sum" in seconds).
+    db["latency_hist"].create({"name": str, "bucket": str, "value": float},
+                              pk=("name", "bucket"), not_null={"value"})
+    # "Today" on the dashboard is a range of press times.
+    db.execute("CREATE INDEX votes_t ON votes(t)")
+    # Alerts start from here: an upgraded hub does not alert on its whole history.
+    last = db.execute("SELECT coalesce(max(rowid), 0) FROM votes").fetchone()[0]
+    db.execute("INSERT OR REPLACE INTO hub_state (key, value) VALUES ('dashboard_vote_rowid', ?)",
+               (str(last),))
+
+
 MIGRATIONS = (
     (1, "core tables: votes, acks, rejections, batches, prompts, windows, events", _m1_core),
+    (2, "dashboard: managers, sessions, alerts, device state, health samples, latency", _m2_dashboard),
 )
 
 
