@@ -12,6 +12,7 @@
 # JSON lines.
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -393,6 +394,9 @@ class Cable:
         self.b_master = self.b_slave = None
         self.cut_flag = False
         self.lost = 0
+        self.noise = 0.0  # chance per byte that one of its bits flips on the way
+        self.flipped = 0
+        self._rng = random.Random(20261121)
         self.stop = False
         self.replug()
         self.thread = threading.Thread(target=self._relay, daemon=True)
@@ -436,6 +440,12 @@ class Cable:
                 if self.cut_flag or other is None:
                     self.lost += len(data)
                     continue
+                if self.noise:
+                    data = bytearray(data)
+                    for i in range(len(data)):
+                        if self._rng.random() < self.noise:
+                            data[i] ^= 1 << self._rng.randrange(8)
+                            self.flipped += 1
                 try:
                     os.write(other, data)
                 except OSError:
@@ -642,6 +652,50 @@ def test_votes_cross_the_serial_bridge_exactly_once_through_cuts_unplugs_and_a_k
                  [0][0] == 0, what="every vote marked forwarded")
         final = bridge.stop()
         assert final is not None and final["votes_up"] >= 1
+    finally:
+        if device is not None:
+            device.close()
+        if bridge is not None and bridge.proc.poll() is None:
+            bridge.proc.kill()
+            bridge.proc.wait(10)
+        cable.close()
+        hall.close()
+
+
+def test_votes_cross_a_noisy_cable_exactly_once(tmp_path):
+    from test_agent_pi import Hall, wait_for
+
+    hall = Hall(str(tmp_path), [(DEVICE, "W07")])
+    config_path = str(tmp_path / "device.json")
+    with open(config_path, "w") as f:
+        json.dump(hall.config(DEVICE), f)
+    bridge_config = str(tmp_path / "bridge.json")
+    with open(bridge_config, "w") as f:
+        json.dump({"hub_host": "127.0.0.1", "hub_port": hall.settings.broker.port}, f)
+    cable = Cable(str(tmp_path))
+    device = bridge = None
+    try:
+        hall.start_hub()
+        hall.sign_in("W07", "20001", "李娜")
+        device = DeviceProcess(config_path, cable.device_path, str(tmp_path / "journal"),
+                               str(tmp_path / "device.log"))
+        bridge = BridgeProcess(cable.bridge_path, bridge_config, str(tmp_path / "bridge.log"))
+        wait_for(lambda: device.state() == "IDLE", timeout=30, what="the device at rest")
+        cable.noise = 1 / 1500.0  # about one frame in four of a prompt's size is damaged
+        for i in range(5):
+            hall.prompt("W07", "N%d" % i, "营业执照变更")
+            wait_for(lambda: device.state() == "PROMPT", timeout=40, what="prompt N%d" % i)
+            device.press(5 - i % 3)
+            wait_for(lambda: device.state() == "IDLE", timeout=30, what="rest after N%d" % i)
+        wait_for(lambda: len(hall.province_ids()) == 5, timeout=60, what="five votes")
+        assert hall.province_ids() == ["SER001:%d" % s for s in range(1, 6)]
+        assert hall.hub_rows("SELECT count(*) FROM votes")[0][0] == 5
+        rejected = dict(hall.hub_rows("SELECT reason, count FROM rejections"))
+        assert not {"bad_mac", "conflict", "schema", "bad_json"} & set(rejected), rejected
+        assert cable.flipped > 0
+        cable.noise = 0.0
+        stats = bridge.stop()
+        assert stats["bad_crc"] > 0  # damage was seen, and dropped, not relayed
     finally:
         if device is not None:
             device.close()
