@@ -209,7 +209,8 @@ def load_private_key(pem):
 
 
 def load_public_key(pem):
-    """A hub public key (Ed25519, P-256 or SM2) from PEM; a private key PEM gives its public half."""
+    """A hub public key (Ed25519, P-256 or SM2) from PEM; a private key PEM gives its public
+    half."""
     try:
         return schemes.load_public_pem(pem)
     except schemes.SchemeError as exc:

@@ -53,8 +53,8 @@ def keys_generate(config_path, scheme, force, as_json):
     profile = _profile(settings)
     scheme = scheme or batchlib.preferred_scheme(profile)
     if scheme not in batchlib.accepted_schemes(profile):
-        raise PingjiaError("profile %s does not accept %s signatures (it accepts %s)"
-                           % (profile["name"], scheme, ", ".join(batchlib.accepted_schemes(profile))))
+        raise PingjiaError("profile %s does not accept %s signatures (it accepts %s)" % (
+            profile["name"], scheme, ", ".join(batchlib.accepted_schemes(profile))))
     path = settings.signing_key_path
     if os.path.exists(path) and not force:
         raise PingjiaError("%s: a signing key exists; `pingjia hub keys rotate` changes it "

@@ -629,7 +629,8 @@ class Clients:
 
     Empty means an open receiver: requests are not authenticated and nothing can be
     decrypted (batch signatures are still checked). A file holds
-    {"clients": [{"hub": "hall-7", "token": …, "app_key": …, "app_secret": …, "sm4_key": …}]}.
+    {"clients": [{"hub": "hall-7", "token": …, "app_key": …, "app_secret": …,
+    "sm4_key": …}]}.
     """
 
     def __init__(self, entries=()):

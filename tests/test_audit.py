@@ -25,6 +25,9 @@ from hub.settings import write_default
 from hub.store import Store
 from simulator import province as P
 
+# One hall built once per module: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("audit_trail")
+
 T0 = 1767225600          # 2026-01-01 08:00:00 +08:00
 DAY = 86400
 DEVICES = {"D0001": (bytes(range(32)), "W01", "10234", "李晓𪚥"),
