@@ -752,9 +752,17 @@ def needed_credentials(profile):
 def build_request(profile, base_url, body, credentials=None, now=time.time, nonce=None):
     """(url, headers, data) for POSTing one stored batch body (bytes) under the profile:
     the profile's endpoint path under base_url, SM4 payload encryption when the profile asks
-    for it, and the profile's authentication headers over the exact bytes sent."""
+    for it, and the profile's authentication headers over the exact bytes sent.
+
+    credentials None means the hub has none installed: the request then goes without
+    authentication (an open receiver takes it; a real province answers 401, which the hub's
+    status shows). A profile that encrypts is never sent in the clear: without its sm4_key
+    this raises CredentialsError, as it does for anything a given credentials dict lacks.
+    """
+    anonymous = credentials is None
     credentials = credentials or {}
-    missing = [name for name in needed_credentials(profile) if not credentials.get(name)]
+    missing = [name for name in needed_credentials(profile) if not credentials.get(name)
+               and not (anonymous and name != "sm4_key")]
     if missing:
         raise CredentialsError("profile %s needs province credentials: %s"
                                % (profile["name"], ", ".join(missing)))
@@ -769,7 +777,7 @@ def build_request(profile, base_url, body, credentials=None, now=time.time, nonc
             "data": base64.b64encode(ciphertext).decode("ascii")}})
     headers = {"Content-Type": "application/json; charset=utf-8"}
     auth = profile.get("auth", {})
-    kind = auth_type(profile)
+    kind = "none" if anonymous else auth_type(profile)
     if kind == "token":
         headers[auth.get("header", "Authorization")] = auth.get("prefix", "Bearer ") + \
             credentials["token"]

@@ -359,7 +359,9 @@ def test_shipped_profiles_enforce_their_transport(shipped_receiver):
     assert (status, answer["error"]) == (403, "hub")
     # National: a bearer token.
     profile, signed = _first_batch("hall-n", "national", r.keys["hall-n"])
-    status, answer = send(base, dict(profile, auth={"type": "none"}), signed, {})
+    url, headers, _ = B.build_request(profile, base, b"{}", None)   # none installed
+    assert "Authorization" not in headers and url == base + "/batches"
+    status, answer = send(base, profile, signed, None)
     assert (status, answer["error"]) == (401, "auth")
     status, answer = send(base, profile, signed, dict(creds, token="forged"))
     assert (status, answer["detail"]) == (401, "unknown token")
@@ -371,6 +373,8 @@ def test_shipped_profiles_enforce_their_transport(shipped_receiver):
     assert send(base, profile, signed, credentials_for("hall-n"))[0] == 200
     with pytest.raises(B.CredentialsError, match="token"):
         B.build_request(profile, base, b"{}", {"app_key": "x"})
+    with pytest.raises(B.CredentialsError, match="sm4_key"):     # never sent in the clear
+        B.build_request(B.load_profile("guangdong"), base, b"{}", None)
     stats = r.get("/stats")
     assert stats["batches"] == 3 and stats["auth_failures"] >= 7 and stats["records"] == 18
     assert P.verify_store(r.store)["ok"]
