@@ -107,9 +107,19 @@ def _m2_dashboard(db):
                (str(last),))
 
 
+def _m3_sample_fields(db):
+    # A sample also says where it came from (birth or heartbeat) and carries the stuck keys
+    # and display fault, so the latest sample alone tells a device's current condition.
+    db.execute("ALTER TABLE health_samples ADD COLUMN kind TEXT")
+    db.execute("ALTER TABLE health_samples ADD COLUMN stuck TEXT")
+    db.execute("ALTER TABLE health_samples ADD COLUMN disp INTEGER")
+
+
 MIGRATIONS = (
     (1, "core tables: votes, acks, rejections, batches, prompts, windows, events", _m1_core),
-    (2, "dashboard: managers, sessions, alerts, device state, health samples, latency", _m2_dashboard),
+    (2, "dashboard: managers, sessions, alerts, device state, health samples, latency",
+     _m2_dashboard),
+    (3, "health samples: origin, stuck keys, display fault", _m3_sample_fields),
 )
 
 
