@@ -34,30 +34,6 @@ class AuditError(PingjiaError):
 
 # ---------------------------------------------------------------- verify
 
-class _ChainKeys:
-    """Keys the hub's chain may be signed with: the trusted ones (the keyring by default)
-    and those its rotation statements introduce; keys rotated out retire."""
-
-    def __init__(self, hub, trusted):
-        self.hub, self.trusted = hub, dict(trusted)
-        self.learned, self.by, self.retired = {}, {}, {}
-
-    def get(self, kid):
-        return self.trusted.get(kid) or self.learned.get(kid)
-
-    def learn(self, body):
-        for kid, public, by in batchlib.learn_rotations(dict(body, hub=self.hub), self.get):
-            if kid not in self.learned:
-                self.learned[kid], self.by[kid] = public, by
-
-    def signed(self, kid, batch_id):
-        seen = set()
-        while kid in self.by and kid not in seen:
-            seen.add(kid)
-            kid = self.by[kid]
-            self.retired.setdefault(kid, batch_id)
-
-
 class _Profiles:
     """Profiles by the name a batch gives, loaded once each."""
 
@@ -90,7 +66,7 @@ def verify_hub(store, hub_id, trusted):
     for vote in votes:
         claimed.setdefault(vote["batch_n"], []).append(vote)
     top = max(list(rows) + list(claimed) + [0])
-    problems, keys, profiles = [], _ChainKeys(hub_id, trusted), _Profiles()
+    problems, keys, profiles = [], batchlib.ChainKeys(hub_id, dict(trusted).get), _Profiles()
     real_hash, intact = {}, set()
     records_total = 0
 
@@ -148,7 +124,7 @@ def _check_batch(row, hub_id, keys):
         return "stored body is not JSON", None
     if not isinstance(body, dict):
         return "stored body is not a JSON object", None
-    keys.learn(body)
+    keys.learn(body.get("rotations"))
     try:
         digest = batchlib.batch_hash(body)
     except batchlib.BatchError:

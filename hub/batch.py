@@ -288,6 +288,35 @@ def learn_rotations(batch, known):
     return learned
 
 
+class ChainKeys:
+    """The keys one hub's chain may be signed with, followed batch by batch in order.
+
+    trusted(key_id) -> public key or None gives the keys vouched for from outside (a keyring,
+    a trust folder). learn() adds the keys a batch's rotation statements introduce; signed()
+    records that a key signed an intact batch, which retires every key on its rotation path.
+    """
+
+    def __init__(self, hub, trusted):
+        self.hub, self._trusted = hub, trusted
+        self.learned, self.by, self.retired = {}, {}, {}
+
+    def get(self, kid):
+        return self._trusted(kid) or self.learned.get(kid)
+
+    def learn(self, rotations):
+        for kid, public, by in learn_rotations({"hub": self.hub, "rotations": rotations},
+                                               self.get):
+            if kid not in self.learned:
+                self.learned[kid], self.by[kid] = public, by
+
+    def signed(self, kid, batch_id):
+        seen = set()
+        while kid in self.by and kid not in seen:
+            seen.add(kid)
+            kid = self.by[kid]
+            self.retired.setdefault(kid, batch_id)
+
+
 # ---------------------------------------------------------------- profiles
 
 def profile_path(name_or_path):

@@ -435,7 +435,9 @@ class ProvinceStore:
         accepted, duplicate, rejected, seen = [], [], [], set()
         for index, record in enumerate(batch["records"]):
             national = batchlib.national_form(record, profile) if profile else record
-            reason = check_record(record, profile)
+            reason = _check_national(national)
+            if reason is not None and profile:
+                reason = batchlib.missing_field_name(reason, profile)
             if reason is not None:
                 rid = national.get("voteId") if isinstance(national, dict) else None
                 rejected.append({"id": rid if isinstance(rid, str) else "#%d" % index,
@@ -1000,7 +1002,7 @@ def verify_store(store, trusted=None, profiles=None):
         stored = {row[2]: row for row in by_hub.get(hub, [])}
         top = max(list(stored) + [heads.get(hub, 0)])
         altered, real_hash = set(), {}
-        keys = HubKeys(hub, trusted)
+        keys = batchlib.ChainKeys(hub, trusted.get)
         for n in range(1, top + 1):
             batch_id = "%s-%d" % (hub, n)
             row = stored.get(n)
@@ -1035,32 +1037,6 @@ def verify_store(store, trusted=None, profiles=None):
     }
 
 
-class HubKeys:
-    """The keys one hub's chain may be signed with, followed batch by batch: the trusted
-    keys, plus keys its rotation statements introduce; keys rotated out are retired."""
-
-    def __init__(self, hub, trusted):
-        self.hub, self.trusted = hub, trusted
-        self.learned, self.by, self.retired = {}, {}, {}
-
-    def get(self, kid):
-        return self.trusted.get(kid) or self.learned.get(kid)
-
-    def learn(self, envelope):
-        for kid, public, by in batchlib.learn_rotations(
-                {"hub": self.hub, "rotations": envelope.get("rotations")}, self.get):
-            if kid not in self.learned:
-                self.learned[kid], self.by[kid] = public, by
-
-    def signed(self, kid, batch_id):
-        """A batch signed by kid is in the chain: every key on its rotation path retires."""
-        seen = set()
-        while kid in self.by and kid not in seen:
-            seen.add(kid)
-            kid = self.by[kid]
-            self.retired.setdefault(kid, batch_id)
-
-
 def _envelope(text):
     try:
         envelope = json.loads(text) if text else {}
@@ -1070,7 +1046,7 @@ def _envelope(text):
 
 
 def _check_stored_batch(row, keys):
-    """(reason or None, parsed body or None) for one stored batch row; keys is the HubKeys
+    """(reason or None, parsed body or None) for one stored batch row; keys is the ChainKeys
     of its hub, which learns the batch's rotation statements as it goes."""
     batch_id, hub, n, prev, digest, sig, kid, body_text, _answer, envelope_text = row
     envelope = _envelope(envelope_text)
@@ -1078,7 +1054,7 @@ def _check_stored_batch(row, keys):
         return "stored signature envelope is not a JSON object", None
     # Statements are signed by keys already trusted, so learning them first is safe even
     # when this batch turns out altered.
-    keys.learn(envelope)
+    keys.learn(envelope.get("rotations"))
     try:
         body = json.loads(body_text)
     except ValueError:
