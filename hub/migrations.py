@@ -115,11 +115,117 @@ def _m3_sample_fields(db):
     db.execute("ALTER TABLE health_samples ADD COLUMN disp INTEGER")
 
 
+def _m4_business(db):
+    # Business systems and their bearer tokens; only the SHA-256 of a token is kept.
+    db.execute("""CREATE TABLE systems (
+        name TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL DEFAULT 'business',
+        windows TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        revoked_at TEXT)""")
+    # One request of a business system: a service completed at a window, rated with one
+    # prompt (single, batch, overall) or one prompt per item (per_item). Times: unix s.
+    db.execute("""CREATE TABLE visits (
+        id INTEGER PRIMARY KEY,
+        system TEXT NOT NULL DEFAULT '',
+        mode TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        n_cases INTEGER NOT NULL DEFAULT 1,
+        device_id TEXT NOT NULL,
+        window TEXT NOT NULL DEFAULT '',
+        staff_no TEXT NOT NULL DEFAULT '',
+        staff_name TEXT NOT NULL DEFAULT '',
+        ttl INTEGER NOT NULL,
+        display TEXT NOT NULL DEFAULT '',
+        callback_url TEXT NOT NULL DEFAULT '',
+        created_t INTEGER NOT NULL,
+        next_t INTEGER,
+        give_up_t INTEGER)""")
+    # One row per case and stage (kind): one service, one rating. A re-prompt after an
+    # unrated or refused attempt reuses the row; created_t stays the service's time.
+    db.execute("""CREATE TABLE cases (
+        id INTEGER PRIMARY KEY,
+        case_no TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        visit_id INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        task_code TEXT NOT NULL DEFAULT '',
+        task_name TEXT NOT NULL DEFAULT '',
+        dept_code TEXT NOT NULL DEFAULT '',
+        pid TEXT,
+        status TEXT NOT NULL,
+        device_state TEXT,
+        stars INTEGER,
+        reasons TEXT NOT NULL DEFAULT '',
+        cat_ver TEXT NOT NULL DEFAULT '',
+        record_device TEXT,
+        record_seq INTEGER,
+        created_t INTEGER NOT NULL,
+        outcome_t INTEGER,
+        reminder_due_t INTEGER,
+        reminded_t INTEGER,
+        default_due_t INTEGER,
+        work_order TEXT,
+        UNIQUE (case_no, kind))""")
+    db.execute("CREATE INDEX cases_pid ON cases(pid)")
+    db.execute("CREATE INDEX cases_status ON cases(status)")
+    db.execute("CREATE INDEX cases_visit ON cases(visit_id, position)")
+    # Callbacks to business systems, retried with backoff until delivered or given up.
+    db.execute("""CREATE TABLE callbacks (
+        id INTEGER PRIMARY KEY,
+        system TEXT NOT NULL DEFAULT '',
+        url TEXT NOT NULL,
+        event TEXT NOT NULL,
+        body TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_t INTEGER NOT NULL,
+        created_t INTEGER NOT NULL,
+        done_t INTEGER,
+        failed_t INTEGER,
+        last_error TEXT)""")
+    db.execute("CREATE INDEX callbacks_due ON callbacks(next_t) "
+               "WHERE done_t IS NULL AND failed_t IS NULL")
+    # Suspicious votes: flagged (also in votes.flags), never deleted.
+    db.execute("""CREATE TABLE vote_flags (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        window TEXT NOT NULL DEFAULT '',
+        staff_no TEXT NOT NULL DEFAULT '',
+        stars INTEGER,
+        t INTEGER,
+        flagged_at TEXT NOT NULL,
+        UNIQUE (device_id, seq, kind))""")
+    # Records the hub made itself (votes rows under a "<device>.<why>" identity): the
+    # other cases of a batch or themed visit, and default ratings.
+    db.execute("""CREATE TABLE derived_records (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        why TEXT NOT NULL,
+        case_id INTEGER NOT NULL,
+        source_device TEXT,
+        source_seq INTEGER,
+        PRIMARY KEY (device_id, seq))""")
+    db.execute("""CREATE TABLE window_photos (
+        window TEXT PRIMARY KEY,
+        photo TEXT NOT NULL,
+        updated_at TEXT NOT NULL)""")
+    # Vote checks start from here: an upgraded hub does not flag its whole history.
+    last = db.execute("SELECT coalesce(max(rowid), 0) FROM votes").fetchone()[0]
+    db.execute("INSERT OR REPLACE INTO hub_state (key, value) VALUES ('business_vote_rowid', ?)",
+               (str(last),))
+
+
 MIGRATIONS = (
     (1, "core tables: votes, acks, rejections, batches, prompts, windows, events", _m1_core),
     (2, "dashboard: managers, sessions, alerts, device state, health samples, latency",
      _m2_dashboard),
     (3, "health samples: origin, stuck keys, display fault", _m3_sample_fields),
+    (4, "business systems, visits, cases, callbacks, vote flags, derived records, photos",
+     _m4_business),
 )
 
 
