@@ -14,7 +14,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -69,6 +69,10 @@ class Visit:
     kind: str = ""  # "v" or "u" as saved
     misuse_presses: int = 0
     error: str = ""
+    attempts: int = 0  # prompts tried (more than one when a fault disrupted the visit)
+    disruptions: list[str] = field(default_factory=list)
+    # The deciding press was made, then the power went before the device said thanks.
+    cut_after_press: bool = False
 
 
 @dataclass
@@ -123,102 +127,221 @@ class HubAPI:
         return pid
 
 
+class Disrupted(Exception):
+    """A fault (power cut, lost prompt, hub down) interrupted a visit before its rating."""
+
+
 class Citizens:
-    """Walks visits through the counters of a fleet, one citizen per window at a time."""
+    """Walks visits through the counters of a fleet, one citizen per window at a time.
+
+    Every window draws its citizens' choices from a random stream of its own, derived from
+    `rng`, so the same seed gives every window the same citizens however the windows'
+    timing interleaves.
+
+    With `resilient` (the chaos run) a visit carries on through faults as people at a real
+    counter would: the window system retries while the hub is down, a prompt that was lost
+    or met a busy device is sent again once the device is back and idle (at most
+    `attempts` times). A power cut after the citizen's deciding press but before the
+    device said "thank you" ends the visit with `cut_after_press`; that press is not cast.
+    `on_decide(device_id)` is called right after each deciding press is sent (the chaos
+    run uses it to race a power cut against the journal write).
+    """
 
     def __init__(self, fleet: Fleet, hub: HubAPI, rng: random.Random, mix: Mix | None = None,
-                 step_timeout_s: float = 30.0):
+                 step_timeout_s: float = 30.0, resilient: bool = False, attempts: int = 4,
+                 fault_wait_s: float = 180.0):
         self.fleet = fleet
         self.hub = hub
-        self.rng = rng
         self.mix = mix or Mix()
         self.step_timeout_s = step_timeout_s
+        self.resilient = resilient
+        self.attempts = attempts if resilient else 1
+        # How long a resilient citizen waits for a device or hub a fault took away.
+        self.fault_wait_s = fault_wait_s
         self.outcome = Outcome()
         self.cases = 0
+        self.on_decide: Callable[[str], None] | None = None
+        self._seed = rng.getrandbits(64)
+        self._rngs: dict[str, random.Random] = {}
 
-    def plan(self) -> tuple[str, int]:
-        roll = self.rng.random()
+    def rng_for(self, device_id: str) -> random.Random:
+        rng = self._rngs.get(device_id)
+        if rng is None:
+            rng = self._rngs[device_id] = random.Random("%d:%s" % (self._seed, device_id))
+        return rng
+
+    def plan(self, rng: random.Random) -> tuple[str, int]:
+        roll = rng.random()
         if roll < self.mix.walk_away:
             return "walk_away", 0
         if roll < self.mix.walk_away + self.mix.bad:
-            return "bad", self.rng.choice((1, 2))
-        return "good", self.rng.choice((3, 4, 5, 5, 5))
+            return "bad", rng.choice((1, 2))
+        return "good", rng.choice((3, 4, 5, 5, 5))
 
-    async def serve(self, device_id: str, window: str, visits: int) -> list[Visit]:
-        """Serve `visits` citizens at one window in turn; returns their visits."""
+    async def serve(self, device_id: str, window: str, visits: int | None,
+                    pause_s: tuple[float, float] = (0.0, 0.0)) -> list[Visit]:
+        """Serve `visits` citizens at one window in turn (None: until cancelled), with a
+        pause drawn from `pause_s` between them; returns their visits."""
         done = []
-        for _ in range(visits):
-            visit = await self.visit(device_id, window)
-            done.append(visit)
+        rng = self.rng_for(device_id)
+        n = 0
+        while visits is None or n < visits:
+            if n and pause_s[1] > 0:
+                await asyncio.sleep(rng.uniform(*pause_s))
+            done.append(await self.visit(device_id, window))
+            n += 1
         return done
+
+    # ---- waiting on a device that a fault may take away ----------------------------------
+    async def _until(self, dev, boots: int, check: Callable[[], Any], timeout: float,
+                     what: str) -> Any:
+        """Wait for check() (see Fleet.wait_for); a power cut of the device meanwhile
+        raises Disrupted."""
+        def done():
+            value = check()  # first: a record reported just before the cut still counts
+            if value:
+                return value
+            if dev.boots != boots or not dev.alive:
+                return "cut"
+            return None
+
+        value = await self.fleet.wait_for(done, timeout, dev.device_id + " " + what)
+        if value == "cut":
+            raise Disrupted("power cut during " + what)
+        return value
 
     async def _wait_rest(self, device_id: str) -> None:
         dev = self.fleet.devices[device_id]
-        await self.fleet.wait_for(lambda: dev.state == "IDLE" and dev.connected,
-                                  self.step_timeout_s + 60, device_id + " idle")
+        timeout = self.step_timeout_s + (self.fault_wait_s if self.resilient else 60)
+        await self.fleet.wait_for(lambda: dev.alive and dev.state == "IDLE" and dev.connected,
+                                  timeout, device_id + " idle")
 
+    async def _prompt(self, visit: Visit, rng: random.Random, ttl: int | None) -> str:
+        task = rng.choice(TASKS)
+        if not self.resilient:
+            return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.fault_wait_s
+        while True:
+            try:
+                return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl)
+            except CitizenError as exc:
+                # The window system keeps trying while the hub restarts.
+                if loop.time() > deadline:
+                    raise
+                visit.disruptions.append("hub: " + str(exc)[:80])
+                await asyncio.sleep(1.0)
+
+    # ---- one visit -------------------------------------------------------------------------
     async def visit(self, device_id: str, window: str) -> Visit:
         self.cases += 1
-        plan, stars = self.plan()
+        rng = self.rng_for(device_id)
+        plan, stars = self.plan(rng)
         visit = Visit(device_id, window, "SIM-%s-%05d" % (window, self.cases), plan, stars)
         self.outcome.visits.append(visit)
-        dev = self.fleet.devices[device_id]
+        misuse = rng.random() < self.mix.misuse
         try:
-            await self._wait_rest(device_id)
-            if self.rng.random() < self.mix.misuse:
-                # Presses while the device asks nothing: counted as misuse, never a vote.
-                for _ in range(self.rng.choice((1, 2))):
-                    seen = dev.keys_seen
-                    await self.fleet.press(device_id, self.rng.randint(1, 5), KEY_GAP_MS)
-                    visit.misuse_presses += 1
-                    # The press must have happened before any prompt can be on screen.
-                    await self.fleet.wait_for(lambda: dev.keys_seen > seen, self.step_timeout_s,
-                                              device_id + " misuse press")
-                await asyncio.sleep(KEY_GAP_S)
-            ttl = self.mix.walk_away_ttl_s if plan == "walk_away" else None
-            visit.pid = await self.hub.prompt(window, visit.case_no, self.rng.choice(TASKS), ttl=ttl)
-            pid = visit.pid
-            await self.fleet.wait_for(lambda: dev.offers.get(pid), self.step_timeout_s,
-                                      device_id + " prompt " + pid)
-            visit.offer = dev.offers[pid]
-            if visit.offer != "shown":
-                visit.error = "prompt " + visit.offer
-                return visit
-            if plan != "walk_away":
-                await asyncio.sleep(self.rng.uniform(*self.mix.think_s))
-                if plan == "bad":
-                    await self._bad_rating(device_id, visit)
-                else:
-                    visit.pressed_ms = _wall_ms()
-                    await self.fleet.press(device_id, stars, KEY_GAP_MS)
-            wait = self.step_timeout_s + (max(ttl, self.mix.hub_ttl_s) if ttl else 0)
-            saved = await self.fleet.wait_for(lambda: self._saved_for(dev, pid), wait,
-                                              device_id + " durable record for " + pid)
-            visit.seq = saved.seq
-            visit.kind = saved.kind
+            while True:
+                visit.attempts += 1
+                try:
+                    await self._attempt(device_id, visit, rng, misuse and visit.attempts == 1)
+                    return visit
+                except Disrupted as exc:
+                    visit.disruptions.append(str(exc))
+                    if visit.cut_after_press:
+                        return visit  # the press is gone; a new one would be a new vote
+                    if visit.attempts >= self.attempts:
+                        visit.error = "gave up after %d attempts: %s" % (visit.attempts, exc)
+                        return visit
+                except FleetError as exc:
+                    if not self.resilient:
+                        raise
+                    # Typically the control channel of a device that just lost power.
+                    visit.disruptions.append(str(exc)[:120])
+                    if visit.attempts >= self.attempts:
+                        visit.error = str(exc)
+                        return visit
+                    await asyncio.sleep(0.5)
         except (FleetError, CitizenError) as exc:
             visit.error = str(exc)
         return visit
 
+    async def _attempt(self, device_id: str, visit: Visit, rng: random.Random,
+                       misuse: bool) -> None:
+        dev = self.fleet.devices[device_id]
+        await self._wait_rest(device_id)
+        boots = dev.boots
+        if misuse:
+            # Presses while the device asks nothing: counted as misuse, never a vote.
+            for _ in range(rng.choice((1, 2))):
+                seen = dev.keys_seen
+                await self.fleet.press(device_id, rng.randint(1, 5), KEY_GAP_MS)
+                visit.misuse_presses += 1
+                # The press must have happened before any prompt can be on screen.
+                await self._until(dev, boots, lambda: dev.keys_seen > seen,
+                                  self.step_timeout_s, "misuse press")
+            await asyncio.sleep(KEY_GAP_S)
+        ttl = self.mix.walk_away_ttl_s if visit.plan == "walk_away" else None
+        visit.pid = pid = await self._prompt(visit, rng, ttl)
+        offer_wait = self.step_timeout_s
+        try:
+            await self._until(dev, boots, lambda: dev.offers.get(pid), offer_wait,
+                              "prompt " + pid)
+        except FleetError:
+            if not self.resilient:
+                raise
+            # Lost on the way (a broker killed before it saved its queue): ask again.
+            raise Disrupted("prompt %s never reached the device" % pid)
+        visit.offer = dev.offers[pid]
+        if visit.offer != "shown":
+            if self.resilient:
+                raise Disrupted("prompt " + visit.offer)
+            visit.error = "prompt " + visit.offer
+            return
+        if visit.plan != "walk_away":
+            await asyncio.sleep(rng.uniform(*self.mix.think_s))
+            if visit.plan == "bad":
+                await self._bad_rating(dev, boots, visit, rng)
+            else:
+                await self._decide(dev, boots, visit, visit.stars)
+        wait = self.step_timeout_s + (max(ttl, self.mix.hub_ttl_s) if ttl else 0)
+        try:
+            saved = await self._until(dev, boots, lambda: self._saved_for(dev, pid), wait,
+                                      "durable record for " + pid)
+        except Disrupted:
+            if visit.pressed_ms:
+                visit.cut_after_press = True
+            raise
+        visit.seq = saved.seq
+        visit.kind = saved.kind
+
+    async def _decide(self, dev, boots: int, visit: Visit, key: int) -> None:
+        """The press that makes the record: its time is the vote's latency start."""
+        if dev.boots != boots or not dev.alive:
+            raise Disrupted("power cut before the deciding press")
+        visit.pressed_ms = _wall_ms()
+        await self.fleet.press(dev.device_id, key, KEY_GAP_MS)
+        if self.on_decide is not None:
+            self.on_decide(dev.device_id)
+
     @staticmethod
     def _saved_for(dev, pid):
         for saved in reversed(list(dev.saved.values())):
-            if saved.pid == pid:
+            if saved.pid == pid and saved.reported:
                 return saved
         return None
 
-    async def _bad_rating(self, device_id: str, visit: Visit) -> None:
-        dev = self.fleet.devices[device_id]
+    async def _bad_rating(self, dev, boots: int, visit: Visit, rng: random.Random) -> None:
+        device_id = dev.device_id
         await self.fleet.press(device_id, visit.stars, KEY_GAP_MS)
-        await self.fleet.wait_for(lambda: dev.state == "REASONS", self.step_timeout_s,
-                                  device_id + " reasons screen")
+        await self._until(dev, boots, lambda: dev.state == "REASONS", self.step_timeout_s,
+                          "reasons screen")
         await asyncio.sleep(KEY_GAP_S)
         await self.fleet.press(device_id, KEY_TOGGLE, KEY_GAP_MS)
-        if self.rng.random() < 0.5:
+        if rng.random() < 0.5:
             await asyncio.sleep(KEY_GAP_S)
             await self.fleet.press(device_id, KEY_DOWN, KEY_GAP_MS)
             await asyncio.sleep(KEY_GAP_S)
             await self.fleet.press(device_id, KEY_TOGGLE, KEY_GAP_MS)
-        await asyncio.sleep(KEY_GAP_S + self.rng.uniform(0, 0.3))
-        visit.pressed_ms = _wall_ms()
-        await self.fleet.press(device_id, KEY_SUBMIT, KEY_GAP_MS)
+        await asyncio.sleep(KEY_GAP_S + rng.uniform(0, 0.3))
+        await self._decide(dev, boots, visit, KEY_SUBMIT)

@@ -49,6 +49,10 @@ class Saved:
     t: int
     payload: str
     at_ms: int  # host wall clock when the event arrived
+    # False for a record found in the device's flash after a power cut whose "saved" event
+    # never came: durable (so it must reach the province) but never reported, so the
+    # citizen was not thanked and it does not count as cast.
+    reported: bool = True
 
 
 @dataclass
@@ -71,6 +75,11 @@ class Device:
     exits: list[int] = field(default_factory=list)
     killed: bool = False  # the current process was ended by the fleet, not by a crash
     keys_seen: int = 0  # key presses the firmware's key scanner reported
+    power_cuts: int = 0
+    control_links: int = 0  # open control connections (0 once a killed process's last
+    # events have all been read)
+    # A sequence number reported durable twice with different records: a reused seq.
+    seq_conflicts: list = field(default_factory=list)
 
     @property
     def journal_dir(self) -> str:
@@ -102,6 +111,7 @@ class Fleet:
         self._replies: dict[int, asyncio.Future] = {}
         self.listeners: list[Callable[[Device, dict], None]] = []
         self.unknown_hellos = 0
+        self.flash_errors: list[str] = []  # journals that could not be read after a cut
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -167,6 +177,43 @@ class Fleet:
         dev.connected = False
         dev.writer = None
 
+    async def power_cut(self, device_id: str, settle_s: float = 5.0) -> list[Saved]:
+        """Kill the device, read every event it managed to send, then read its flash.
+
+        Returns the records that are durable in its journal but were never reported
+        (the power went between the journal's sync and the "saved" event reaching us);
+        they are added to the device's `saved` with reported=False."""
+        dev = self.devices[device_id]
+        await self.kill(device_id)
+        dev.power_cuts += 1
+        # The dead process's last lines may still sit in our socket buffer: wait for EOF.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle_s
+        while dev.control_links and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        found = []
+        try:
+            records = read_journal(dev.workdir)
+        except FleetError as exc:
+            self.flash_errors.append("%s: %s" % (device_id, exc))
+            records = []
+        for seq, t, payload in records:
+            known = dev.saved.get(seq)
+            if known is not None:
+                if known.payload.encode() != payload:
+                    dev.seq_conflicts.append(seq)
+                continue
+            try:
+                vote = json.loads(payload)
+            except ValueError:
+                vote = {}
+            saved = Saved(dev.device_id, seq, vote.get("k", ""), vote.get("pid", ""),
+                          vote.get("stars", 0), t, payload.decode(errors="replace"), _now_ms(),
+                          reported=False)
+            dev.saved[seq] = saved
+            found.append(saved)
+        return found
+
     async def restart(self, device_id: str, reset_cause: str = "power") -> Device:
         await self.kill(device_id)
         return await self.spawn(device_id, reset_cause)
@@ -191,12 +238,15 @@ class Fleet:
                         break
                     dev = self.devices[msg["d"]]
                     dev.writer = writer
+                    dev.control_links += 1
                 self._on_event(dev, msg)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            if dev is not None and dev.writer is writer:
-                dev.writer = None
+            if dev is not None:
+                dev.control_links -= 1
+                if dev.writer is writer:
+                    dev.writer = None
             writer.close()
 
     def _on_event(self, dev: Device, msg: dict) -> None:
@@ -205,6 +255,9 @@ class Fleet:
         if e == "saved":
             seq = msg.get("seq")
             if isinstance(seq, int):
+                before = dev.saved.get(seq)
+                if before is not None and before.payload != msg.get("p", ""):
+                    dev.seq_conflicts.append(seq)
                 dev.saved[seq] = Saved(dev.device_id, seq, msg.get("k", ""), msg.get("pid", ""),
                                        msg.get("stars", 0), msg.get("t", 0), msg.get("p", ""),
                                        _now_ms())
@@ -306,6 +359,33 @@ class Fleet:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""
+
+
+def read_journal(device_dir: str) -> list[tuple[int, int, bytes]]:
+    """Every record a (stopped) device's journal holds, as the firmware would find it on
+    boot: (seq, t, payload), oldest first, acked ones included (acks live in RAM).
+
+    Runs the firmware's own recovery on a copy, so the device's flash is left exactly as
+    the power cut left it for its next boot to recover."""
+    import shutil
+    import tempfile
+
+    from firmware.evaluator.journal import Journal, JournalError
+
+    with open(os.path.join(device_dir, "board.json")) as f:
+        flash = json.load(f).get("flash") or {}
+    source = os.path.join(device_dir, flash.get("journal_dir", "journal"))
+    if not os.path.isdir(source):
+        return []
+    with tempfile.TemporaryDirectory(prefix="pingjia-flash-") as tmp:
+        copy = os.path.join(tmp, "journal")
+        shutil.copytree(source, copy)
+        try:
+            journal = Journal(copy, flash.get("journal_segments", 16),
+                              flash.get("segment_bytes", 4096), sync=lambda f: f.flush())
+            return [(seq, t, bytes(payload)) for seq, t, payload in journal.unacked()]
+        except (JournalError, OSError) as exc:
+            raise FleetError("journal unreadable: %s" % exc) from None
 
 
 # ---- the boot loader ---------------------------------------------------------------------

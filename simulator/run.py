@@ -31,6 +31,8 @@ from hub import PingjiaError
 from simulator import build as fwbuild
 from simulator.citizens import Citizens, HubAPI, Mix, Visit
 from simulator.fleet import DEFAULT_HEAP, Fleet, FleetError
+from simulator.live import LiveView, Progress
+from simulator.proxy import NetworkProxy
 
 ROOT = fwbuild.ROOT
 STAFF_NAMES = ("王芳", "李娜", "张伟", "刘洋", "陈静", "杨䶮", "赵敏", "黄磊", "周杰", "吴霞")
@@ -54,6 +56,14 @@ class Options:
     keep: bool = False  # keep the work folder after the run
     forged: bool = True
     mix: Mix = field(default_factory=Mix)
+    # Set by chaos and the demo, not by `sim run`'s command line:
+    province_faults: bool = False  # start the receiver with its /_control/faults switch
+    via_proxy: bool = False  # devices reach the broker through simulator/proxy.py
+    http_port: int | None = None  # the hub's HTTP port (default: a free one)
+    province_port: int | None = None  # the receiver's port (default: a free one)
+    # [province] settings for the hub this run starts (e.g. shorter timeouts and retry
+    # cap, so a run's province outages drain in seconds rather than a minute).
+    hub_province: dict = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -75,18 +85,44 @@ class Service:
 
     def __init__(self, name: str, argv: list[str], log_path: str, cwd: str):
         self.name = name
+        self.argv = argv
+        self.cwd = cwd
         self.log_path = log_path
+        self.down = False  # killed on purpose (chaos) and not restarted yet
+        self.starts = 0
+        self.proc: subprocess.Popen = self._start()
+
+    def _start(self) -> subprocess.Popen:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        log = open(log_path, "ab")
+        log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         cwd=cwd, env=env, start_new_session=True)
+            proc = subprocess.Popen(self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                    cwd=self.cwd, env=env, start_new_session=True)
         finally:
             log.close()
+        self.starts += 1
+        return proc
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process itself (a crash): what it started in sessions of their own
+        (the hub's broker) lives on, as it would."""
+        self.down = True
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        if self.proc.poll() is None:
+            return
+        self.proc = self._start()
+        self.down = False
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -146,14 +182,14 @@ class Hall:
             self.province_url = (self.opts.province_url or
                                  self.settings.province.endpoint.rsplit("/api/", 1)[0])
         else:
-            province_port = free_port()
+            province_port = self.opts.province_port or free_port()
             self.province_url = self.opts.province_url or "http://127.0.0.1:%d" % province_port
             self.settings = write_default(
                 os.path.join(self.workdir, "hub", "hub.toml"),
                 hub={"id": "sim-hall"},
                 broker={"host": "127.0.0.1", "port": free_port()},
-                http={"host": "127.0.0.1", "port": free_port()},
-                province={"endpoint": self.province_url + "/api/v1"})
+                http={"host": "127.0.0.1", "port": self.opts.http_port or free_port()},
+                province=dict(self.opts.hub_province, endpoint=self.province_url + "/api/v1"))
             key = ensure_signing_key(self.settings.signing_key_path)
             write_broker_files(self.settings)
             self.public_pem = os.path.join(self.workdir, "hub-public.pem")
@@ -186,11 +222,19 @@ class Hall:
         return self._tag
 
     def start_services(self) -> None:
+        if not self.opts.hub_config:
+            wanted = [(self.settings.http.port, "hub HTTP")]
+            if not self.opts.province_url:
+                wanted.append((self.province_port, "province"))
+            for port, what in wanted:
+                if _port_taken(port):
+                    raise SimError("port %d (%s) is already in use on 127.0.0.1" % (port, what))
         if not self.opts.province_url and not self.opts.hub_config:
             self.services.append(Service("province", _python_cmd(
                 "simulator.province_cli.serve", "--host", "127.0.0.1",
                 "--port", str(self.province_port),
-                "--db", os.path.join(self.workdir, "province.db"), "--trust", self.public_pem),
+                "--db", os.path.join(self.workdir, "province.db"), "--trust", self.public_pem,
+                *(["--faults"] if self.opts.province_faults else [])),
                 os.path.join(self.workdir, "province.log"), self.workdir))
         if not self.opts.hub_config:
             self.services.append(Service("hub", _python_cmd(
@@ -215,8 +259,20 @@ class Hall:
 
     def check_services(self) -> None:
         for service in self.services:
-            if not service.alive():
+            if not service.down and not service.alive():
                 raise SimError("%s exited: %s" % (service.name, service.tail(3) or "no output"))
+
+    def service(self, name: str) -> Service | None:
+        for service in self.services:
+            if service.name == name:
+                return service
+        return None
+
+    def broker_pid(self) -> int | None:
+        """The running mosquitto of this hall's hub, if any."""
+        from hub.broker import running_pid
+
+        return running_pid(self.settings) if self.settings is not None else None
 
     def stop(self) -> None:
         # The hub first (it stops its broker), then the province.
@@ -242,6 +298,17 @@ class Hall:
 
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        # As the servers bind: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 # ---- the province's view -------------------------------------------------------------------
@@ -357,115 +424,159 @@ def inject_forgeries(settings: Any, provisioned: dict, victim: str, genuine: lis
     return out
 
 
-# ---- the live view -------------------------------------------------------------------------
+# ---- one hall, set up and torn down ----------------------------------------------------------
 
-class LiveView:
-    """One status line redrawn in place (only on a terminal, never with --json)."""
+class Session:
+    """The moving parts of one run on the caller's loop: the hall's services, the device
+    fleet (optionally behind the network proxy), the citizens' HTTP session, the province's
+    view. `open()` brings everything up with every device online and idle; `close()` stops
+    all of it, whatever state it is in."""
 
-    def __init__(self, enabled: bool, total: int, stream=sys.stderr):
-        self.enabled = enabled
-        self.total = max(total, 1)
-        self.stream = stream
+    def __init__(self, opts: Options, workdir: str, say: Callable[[str], None]):
+        self.opts = opts
+        self.workdir = workdir
+        self.say = say
         self.started = time.monotonic()
+        self.hall = Hall(opts, workdir, say)
+        self.fleet = Fleet(os.path.join(workdir, "devices"), build_dir=os.path.join(
+            fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap)
+        self.proxy: NetworkProxy | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.hub_api: HubAPI | None = None
+        self.province: ProvinceView | None = None
 
-    def show(self, done: int, cast: int, unrated: int, at_province: int, misuse: int,
-             phase: str) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * min(done, self.total) / self.total)
-        line = "\r[%s%s] %d/%d visits | votes %d | unrated %d | province %d | misuse %d | %s %.0fs " % (
-            "#" * filled, "." * (width - filled), done, self.total, cast, unrated, at_province,
-            misuse, phase, time.monotonic() - self.started)
-        self.stream.write(line)
-        self.stream.flush()
+    async def open(self) -> None:
+        opts = self.opts
+        self.say("building firmware and preparing the hall in %s" % self.workdir)
+        await asyncio.get_running_loop().run_in_executor(None, self.hall.prepare)
+        self.hall.start_services()
+        self.http = aiohttp.ClientSession()
+        await self.hall.wait_ready(self.http)
+        self.hub_api = HubAPI(self.http, self.hall.http_url)
+        self.province = ProvinceView(self.http, self.hall.province_url)
+        await self.fleet.start()
+        if opts.via_proxy:
+            broker = self.hall.settings.broker
+            self.proxy = NetworkProxy(_connect_host(broker.host), broker.port)
+        for n, device_id in enumerate(sorted(self.hall.provisioned)):
+            window = self.hall.windows[device_id]
+            await self.hub_api.sign_in(window, "1%04d" % (n + 1), STAFF_NAMES[n % len(STAFF_NAMES)])
+            config = self.hall.device_config(device_id)
+            if self.proxy is not None:
+                config["hub_host"] = "127.0.0.1"
+                config["hub_port"] = await self.proxy.add(device_id)
+            self.fleet.add(device_id, config)
+        self.say("booting %d devices (heap %s each)" % (len(self.fleet.devices), opts.heap))
+        for device_id in self.fleet.devices:
+            await self.fleet.spawn(device_id)
+        await self.fleet.wait_for(lambda: all(d.connected and d.state == "IDLE"
+                                              for d in self.fleet.devices.values()),
+                                  60 + 2 * opts.devices, "every device online and idle")
+        self.say("%d devices online" % len(self.fleet.devices))
 
-    def end(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+    async def close(self) -> None:
+        try:
+            await self.fleet.close()
+        finally:
+            if self.proxy is not None:
+                await self.proxy.close()
+            if self.http is not None:
+                await self.http.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.hall.stop)
+
+    def windows_visits(self, total: int) -> dict[str, int]:
+        return _spread(total, sorted(self.fleet.devices))
+
+    async def forge(self, rng: random.Random) -> Forgeries:
+        """The rogue client's round (in a thread: paho blocks)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, inject_forgeries, self.hall.settings, self.hall.provisioned,
+            *_victim(self.fleet), rng)
+
+    async def drain(self, deadline: float, show: Callable[[str], None]) -> None:
+        """Until the province holds every durable record (or the deadline passes), then a
+        moment more: anything forged or doubled would arrive with the last batches."""
+        while time.monotonic() < deadline:
+            await self.province.poll()
+            show("draining")
+            if _missing(self.fleet, self.province) == 0:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
+        await self.province.poll()
+
+    async def gather_counters(self) -> tuple[dict, dict]:
+        """Every device's counters, the province's stats and the hub's status."""
+        async def one(device_id):
+            try:
+                await self.fleet.stats(device_id)
+            except FleetError:
+                pass
+        await asyncio.gather(*(one(d) for d in self.fleet.devices))
+        pstats = await self.province.stats()
+        hub_status = await _hub_status(self.http, self.hall.http_url)
+        return pstats, hub_status
+
+    def progress(self, citizens: Citizens | None, phase: str, total: int | None) -> Progress:
+        durable = _durable_ids(self.fleet)
+        reported = [s for s in durable.values() if s.reported]
+        visits = citizens.outcome.visits if citizens is not None else []
+        return Progress(
+            phase=phase, visits_total=total,
+            visits_done=sum(1 for v in visits if v.seq or v.error or v.cut_after_press),
+            cast=sum(1 for s in reported if s.kind == "v"),
+            unrated=sum(1 for s in reported if s.kind == "u"),
+            at_province=sum(1 for v in durable if v in self.province.records),
+            misuse=sum(v.misuse_presses for v in visits),
+            cut_presses=sum(1 for v in visits if v.cut_after_press),
+            devices_down=sum(1 for d in self.fleet.devices.values() if not d.alive))
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 async def _run(opts: Options, workdir: str, say: Callable[[str], None], live: LiveView) -> dict:
     rng = random.Random(opts.seed)
-    started = time.monotonic()
-    hall = Hall(opts, workdir, say)
-    fleet = Fleet(os.path.join(workdir, "devices"), build_dir=os.path.join(
-        fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap)
-    summary: dict[str, Any] = {}
+    session = Session(opts, workdir, say)
     try:
-        say("building firmware and preparing the hall in %s" % workdir)
-        await asyncio.get_running_loop().run_in_executor(None, hall.prepare)
-        hall.start_services()
-        async with aiohttp.ClientSession() as session:
-            await hall.wait_ready(session)
-            hub_api = HubAPI(session, hall.http_url)
-            await fleet.start()
-            for n, device_id in enumerate(sorted(hall.provisioned)):
-                window = hall.windows[device_id]
-                await hub_api.sign_in(window, "1%04d" % (n + 1), STAFF_NAMES[n % len(STAFF_NAMES)])
-                fleet.add(device_id, hall.device_config(device_id))
-            say("booting %d devices (heap %s each)" % (len(fleet.devices), opts.heap))
-            for device_id in fleet.devices:
-                await fleet.spawn(device_id)
-            await fleet.wait_for(lambda: all(d.connected and d.state == "IDLE"
-                                             for d in fleet.devices.values()),
-                                 60 + 2 * opts.devices, "every device online and idle")
-            say("%d devices online; citizens arrive" % len(fleet.devices))
-            citizens = Citizens(fleet, hub_api, rng, opts.mix)
-            province = ProvinceView(session, hall.province_url)
-            visits = _spread(opts.votes, sorted(fleet.devices))
-            serving = asyncio.gather(*(citizens.serve(d, hall.windows[d], n)
-                                       for d, n in visits.items() if n))
-            deadline = started + opts.deadline_s
-            forgeries = Forgeries()
-            while not serving.done():
-                await asyncio.sleep(0.5)
-                hall.check_services()
-                if opts.forged and not forgeries.sent and len(_victim(fleet)[1]) >= 2:
-                    forgeries = await asyncio.get_running_loop().run_in_executor(
-                        None, inject_forgeries, hall.settings, hall.provisioned,
-                        *_victim(fleet), rng)
-                await province.poll()
-                _live(live, citizens, fleet, province, "citizens")
-                if time.monotonic() > deadline:
-                    serving.cancel()
-                    break
-            try:
-                await serving
-            except asyncio.CancelledError:
-                pass
-            if opts.forged and not forgeries.sent:
-                forgeries = await asyncio.get_running_loop().run_in_executor(
-                    None, inject_forgeries, hall.settings, hall.provisioned, *_victim(fleet), rng)
-            # Everything durable on a device must reach the province.
-            while time.monotonic() < deadline:
-                await province.poll()
-                _live(live, citizens, fleet, province, "draining")
-                if _missing(fleet, province) == 0:
-                    break
-                await asyncio.sleep(0.5)
-            # A moment more: anything forged or doubled would arrive with the last batches.
-            await asyncio.sleep(1.5)
+        await session.open()
+        fleet, hall, province = session.fleet, session.hall, session.province
+        say("citizens arrive")
+        citizens = Citizens(fleet, session.hub_api, rng, opts.mix)
+        visits = session.windows_visits(opts.votes)
+        serving = asyncio.gather(*(citizens.serve(d, hall.windows[d], n)
+                                   for d, n in visits.items() if n))
+        deadline = session.started + opts.deadline_s
+        forgeries = Forgeries()
+
+        def show(phase):
+            live.show(session.progress(citizens, phase, opts.votes))
+
+        while not serving.done():
+            await asyncio.sleep(0.5)
+            hall.check_services()
+            if opts.forged and not forgeries.sent and len(_victim(fleet)[1]) >= 2:
+                forgeries = await session.forge(rng)
             await province.poll()
-            for device_id in fleet.devices:
-                try:
-                    await fleet.stats(device_id)
-                except FleetError:
-                    pass
-            pstats = await province.stats()
-            hub_status = await _hub_status(session, hall.http_url)
-            live.end()
-            summary = _summary(opts, fleet, citizens.outcome.visits, province, pstats, hub_status,
-                               forgeries, time.monotonic() - started,
-                               time.monotonic() <= deadline, hall)
+            show("citizens")
+            if time.monotonic() > deadline:
+                serving.cancel()
+                break
+        try:
+            await serving
+        except asyncio.CancelledError:
+            pass
+        if opts.forged and not forgeries.sent:
+            forgeries = await session.forge(rng)
+        # Everything durable on a device must reach the province.
+        await session.drain(deadline, show)
+        pstats, hub_status = await session.gather_counters()
+        live.end()
+        return _summary(opts, fleet, citizens.outcome.visits, province, pstats, hub_status,
+                        forgeries, time.monotonic() - session.started,
+                        time.monotonic() <= deadline, hall)
     finally:
         live.end()
-        await fleet.close()
-        hall.stop()
-    return summary
+        await session.close()
 
 
 def _spread(total: int, device_ids: list[str]) -> dict[str, int]:
@@ -474,21 +585,13 @@ def _spread(total: int, device_ids: list[str]) -> dict[str, int]:
 
 
 def _durable_ids(fleet: Fleet) -> dict[str, Any]:
+    """Every record durable on a device (reported or found in its flash after a cut)."""
     return {"%s:%d" % (d.device_id, s.seq): s for d in fleet.devices.values()
-            for s in d.saved.values()}
+            for s in list(d.saved.values())}
 
 
 def _missing(fleet: Fleet, province: ProvinceView) -> int:
     return sum(1 for vote_id in _durable_ids(fleet) if vote_id not in province.records)
-
-
-def _live(live: LiveView, citizens: Citizens, fleet: Fleet, province: ProvinceView,
-          phase: str) -> None:
-    done = sum(1 for v in citizens.outcome.visits if v.seq or v.error)
-    durable = _durable_ids(fleet)
-    cast = sum(1 for s in durable.values() if s.kind == "v")
-    live.show(done, cast, len(durable) - cast, sum(1 for v in durable if v in province.records),
-              sum(v.misuse_presses for v in citizens.outcome.visits), phase)
 
 
 async def _hub_status(session: aiohttp.ClientSession, url: str) -> dict:
@@ -507,11 +610,16 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
 
     satisfaction = load_profile(hall.settings.province.profile)["satisfaction"]
     durable = _durable_ids(fleet)
-    votes = {k: s for k, s in durable.items() if s.kind == "v"}
-    unrated = {k: s for k, s in durable.items() if s.kind == "u"}
+    reported = {k: s for k, s in durable.items() if s.reported}
+    # Found in a device's flash after a power cut, never reported: durable (so they must
+    # reach the province, and count in `lost`), but the citizen was never thanked.
+    unreported = {k: s for k, s in durable.items() if not s.reported}
+    votes = {k: s for k, s in reported.items() if s.kind == "v"}
+    unrated = {k: s for k, s in reported.items() if s.kind == "u"}
     at_province = {k: r for k, r in province.records.items() if k in durable}
     altered = 0
-    for vote_id, saved in votes.items():
+    for vote_id, saved in list(votes.items()) + [kv for kv in unreported.items()
+                                                 if kv[1].kind == "v"]:
         record = at_province.get(vote_id)
         if record is not None and str(record.get("satisfaction")) != str(satisfaction[str(saved.stars)]):
             altered += 1
@@ -534,6 +642,7 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
             latencies.append(int(record["received_at_ms"]) - at)
     misuse = sum(int(d.stats.get("misuse", 0)) for d in fleet.devices.values())
     errors = [v for v in visits if v.error]
+    conflicts = sum(len(d.seq_conflicts) for d in fleet.devices.values())
     summary = {
         "devices": len(fleet.devices),
         "visits": len(visits),
@@ -558,6 +667,8 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
         # with a garbage collector it overstates the footprint; kept for comparison.
         "device_mem_peak_bytes": max((d.mem_peak for d in fleet.devices.values()), default=0),
         "device_crashes": len(fleet.crashed()),
+        "device_backlog": sum(int(d.stats.get("jd", 0) or 0) for d in fleet.devices.values()),
+        "seq_conflicts": conflicts,
         "visit_errors": len(errors),
         "visit_error_examples": [v.error for v in errors[:3]],
         "hub_rejections": hub_status.get("rejections", {}),
@@ -566,28 +677,40 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
         "elapsed_s": round(elapsed, 1),
         "seed": opts.seed,
     }
+    if unreported or any(v.cut_after_press for v in visits):
+        summary["durable_unreported"] = len(unreported)
+        summary["durable_unreported_at_province"] = sum(1 for k in unreported if k in at_province)
     summary["ok"] = bool(
         in_time and summary["lost"] == 0 and summary["duplicates_at_province"] == 0
         and summary["forged_accepted"] == 0 and altered == 0 and not summary["device_crashes"]
         and summary["votes_at_province"] == summary["votes_cast"] and not forgeries.errors
-        and not errors)
+        and not errors and not conflicts and not fleet.flash_errors)
     return summary
 
 
 def run(opts: Options, say: Callable[[str], None] = lambda line: None,
         live: bool = False) -> dict:
     """Run one simulation and return its summary (see docs/simulator.md)."""
+    check_options(opts)
+    return in_workdir(opts, lambda workdir: _run(opts, workdir, say, LiveView(live)))
+
+
+def check_options(opts: Options) -> None:
     if opts.devices < 1 or opts.votes < 0:
         raise SimError("need at least one device and a non-negative number of visits")
     if opts.seed is None:
         opts.seed = random.randrange(1 << 30)
+
+
+def in_workdir(opts: Options, main: Callable[[str], Any]) -> dict:
+    """Run `main(workdir)` (a coroutine returning the summary) in the run's work folder:
+    a temporary one unless --workdir named one, removed after a good run unless --keep."""
     own = opts.workdir is None
     workdir = opts.workdir or tempfile.mkdtemp(prefix="pingjia-sim-")
     os.makedirs(workdir, exist_ok=True)
-    view = LiveView(live, opts.votes)
     ok = False
     try:
-        summary = asyncio.run(_run(opts, workdir, say, view))
+        summary = asyncio.run(main(workdir))
         ok = summary.get("ok", False)
         summary["workdir"] = workdir if (opts.keep or not own or not ok) else None
         return summary
@@ -620,11 +743,26 @@ def format_summary(summary: dict) -> str:
         "hub rejections                   %s" % (", ".join(
             "%s %s" % kv for kv in sorted(summary["hub_rejections"].items())) or "none"),
     ]
+    if "faults" in summary:
+        lines.append("faults injected                  %s" % (", ".join(
+            "%s %d" % kv for kv in summary["faults"].items()) or "none"))
+        lines.append("presses lost to power cuts       %d (not cast)" %
+                     summary["presses_lost_to_power_cut"])
+        lines.append("durable but unreported           %d (at the province %d)" % (
+            summary.get("durable_unreported", 0),
+            summary.get("durable_unreported_at_province", 0)))
+        lines.append("visits disrupted / retried       %d / %d" % (
+            summary["visits_disrupted"], summary["visit_retries"]))
+        if summary.get("faults_missing"):
+            lines.append("fault kinds that never fired     %s" % ", ".join(
+                summary["faults_missing"]))
     if summary["visit_errors"]:
         lines.append("visit errors                     %d, e.g. %s" % (
             summary["visit_errors"], "; ".join(summary["visit_error_examples"])))
     if summary["device_crashes"]:
         lines.append("device crashes                   %d" % summary["device_crashes"])
+    if summary.get("seq_conflicts"):
+        lines.append("sequence numbers reused          %d" % summary["seq_conflicts"])
     if not summary["finished_in_time"]:
         lines.append("the deadline passed before the province held everything")
     if summary.get("workdir"):
