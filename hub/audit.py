@@ -296,29 +296,30 @@ def _keys(service, hub_id):
     }
 
 
-def hall_stats(services, profile, hub_id, at, dimensions=DIMENSIONS):
+def hall_stats(services, jurisdiction, hub_id, at, dimensions=DIMENSIONS, bad_max_stars=2):
     """Rows of statistics per dimension and key, computed at unix time `at`.
 
-    votes: rated on site; level_N: votes with N stars; good/bad split at the profile's
-    bad_max_stars; unrated: not rated and still inside the default-rating period;
-    default_rated: not rated and past it, counted at the profile's default level
-    (default_stars); good_rate = good / votes; good_rate_with_default counts default ratings
-    as ratings at their level.
+    jurisdiction: the hub's counter rules (a hub.policy.Jurisdiction: default_due(t) and
+    default_stars), or None when unrated services never count as rated.
+    votes: rated on site; level_N: votes with N stars; good/bad split at bad_max_stars;
+    unrated: not rated and still inside the default-rating period; default_rated: not rated
+    and past it, counted at the jurisdiction's default level (default_stars);
+    good_rate = good / votes; good_rate_with_default counts default ratings as ratings at
+    their level.
     """
     for dim in dimensions:
         if dim not in DIMENSIONS:
             raise AuditError("unknown dimension %r (one of %s)" % (dim, ", ".join(DIMENSIONS)))
-    bad_max = profile.get("bad_max_stars", 2)
-    rule = batchlib.default_rating(profile)
-    default_stars = rule["stars"] if rule else None
+    bad_max = bad_max_stars
+    default_stars = getattr(jurisdiction, "default_stars", None)
     table = {}
     for service in services:
         keys = _keys(service, hub_id)
         if service["rated"]:
             outcome = service["stars"]
         else:
-            deadline = batchlib.default_deadline(service["t"], profile) \
-                if service["t"] is not None else None
+            deadline = jurisdiction.default_due(service["t"]) \
+                if jurisdiction is not None and service["t"] is not None else None
             outcome = "default" if deadline is not None and at >= deadline else "unrated"
         for dim in dimensions:
             key, name = keys[dim]

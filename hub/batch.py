@@ -55,7 +55,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _TIME_DIRECTIVES = re.compile(r"%(.)")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 APP_KEY_HEADERS = {"app_key": "X-App-Key", "timestamp": "X-Timestamp", "nonce": "X-Nonce",
                    "digest": "X-Content-Digest", "signature": "X-Signature"}
@@ -388,7 +387,6 @@ def _check_profile(profile, label):
         bad("bad_max_stars must be 0..5")
     _check_fields(profile.get("fields", {}), bad)
     _check_time_format(profile.get("time_format", NATIONAL_TIME), bad)
-    _check_default_rating(profile.get("default_rating"), bad)
     _check_transport(profile, bad)
 
 
@@ -415,26 +413,6 @@ def _check_time_format(fmt, bad):
     directives = _TIME_DIRECTIVES.findall(fmt)
     if sorted(directives) != sorted("YmdHMS"):
         bad("time_format must use each of %Y %m %d %H %M %S once and nothing else")
-
-
-def _check_default_rating(rule, bad):
-    if rule is None:
-        return
-    if not isinstance(rule, dict):
-        bad("default_rating must be an object or null")
-    stars = rule.get("stars")
-    if not isinstance(stars, int) or isinstance(stars, bool) or not 1 <= stars <= 5:
-        bad("default_rating.stars must be 1..5")
-    after = rule.get("after")
-    if not isinstance(after, int) or isinstance(after, bool) or not 1 <= after <= 366:
-        bad("default_rating.after must be a number of days, 1..366")
-    if rule.get("days", "natural") not in ("natural", "working"):
-        bad("default_rating.days must be natural or working")
-    for key in ("holidays", "workdays"):
-        dates = rule.get(key, [])
-        if not isinstance(dates, list) or not all(isinstance(d, str) and _DATE.match(d)
-                                                  for d in dates):
-            bad("default_rating.%s must list yyyy-mm-dd dates" % key)
 
 
 def _check_transport(profile, bad):
@@ -703,38 +681,6 @@ def record_time(national, profile):
     except ValueError:
         return None
     return int(moment.timestamp())
-
-
-# ---------------------------------------------------------------- default ratings
-
-def default_rating(profile):
-    return profile.get("default_rating")
-
-
-def default_deadline(t, profile):
-    """Unix seconds after which an unrated service counts at the profile's default level,
-    or None when the profile has no default rule.
-
-    natural: `after` days of 24 h from the service. working: the end of the `after`-th
-    working day after the service day, in the profile's offset; Saturdays and Sundays are
-    off unless listed in workdays (调休), and listed holidays are off.
-    """
-    rule = profile.get("default_rating")
-    if not rule:
-        return None
-    if rule.get("days", "natural") == "natural":
-        return t + rule["after"] * 86400
-    zone = _zone(profile)
-    holidays, workdays = set(rule.get("holidays", [])), set(rule.get("workdays", []))
-    day = datetime.datetime.fromtimestamp(t, zone).date()
-    counted = 0
-    while counted < rule["after"]:
-        day += datetime.timedelta(days=1)
-        text = day.isoformat()
-        if text in workdays or (day.weekday() < 5 and text not in holidays):
-            counted += 1
-    end = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time(), zone)
-    return int(end.timestamp())
 
 
 # ---------------------------------------------------------------- the wire

@@ -252,10 +252,10 @@ def verify(config_path, trust, as_json):
               help="Write to this file instead of standard output.")
 def stats(config_path, source, by, at_text, as_csv, as_json, output):
     """Hall statistics: 好评率 per window, staff, item and department; counts by level;
-    unrated and default-rated services."""
+    unrated and default-rated services (by the hub's jurisdiction's default rule)."""
     import time
 
-    from hub import audit
+    from hub import audit, policy
 
     if as_csv and as_json:
         raise click.UsageError("--csv and --json exclude each other")
@@ -266,13 +266,15 @@ def stats(config_path, source, by, at_text, as_csv, as_json, output):
     dims = [d.strip() for d in by.split(",") if d.strip()]
     store = _open_store(settings)
     try:
+        jurisdiction = policy.current(store, settings.province.profile)
         if source == "votes":
             services = audit.services_from_votes(store)
         else:
             services = audit.services_from_chain(store, audit.device_windows(store))
     finally:
         store.close()
-    rows = audit.hall_stats(services, profile, settings.hub.id, at, dims)
+    rows = audit.hall_stats(services, jurisdiction, settings.hub.id, at, dims,
+                            profile.get("bad_max_stars", 2))
     if as_csv:
         text = audit.stats_csv(rows)
     elif as_json:

@@ -18,6 +18,7 @@ from firmware.evaluator import codec
 from hub import audit as A
 from hub import batch as B
 from hub import keys as K
+from hub import policy
 from hub.cli import cli
 from hub.forward import Forwarder
 from hub.ingest import Ingestor, Uplink
@@ -280,13 +281,13 @@ def _services(trail):
 
 def test_statistics_from_the_votes_are_reproduced_from_the_chain(trail):
     stored, chained, chain = _services(trail)
-    profile = B.load_profile("national")
+    rules = policy.load("national")            # 7 natural days -> 基本满意
     assert len(stored) == len(chained) == len(chain) == 13
     for at in (T0 + DAY, T0 + 30 * DAY):
-        from_votes = A.hall_stats(stored, profile, "hall-a", at)
-        assert from_votes == A.hall_stats(chain, profile, "hall-a", at)
-        assert A.stats_csv(from_votes) == A.stats_csv(A.hall_stats(chain, profile, "hall-a", at))
-    rows = {(r["dimension"], r["key"]): r for r in A.hall_stats(stored, profile, "hall-a",
+        from_votes = A.hall_stats(stored, rules, "hall-a", at)
+        assert from_votes == A.hall_stats(chain, rules, "hall-a", at)
+        assert A.stats_csv(from_votes) == A.stats_csv(A.hall_stats(chain, rules, "hall-a", at))
+    rows = {(r["dimension"], r["key"]): r for r in A.hall_stats(stored, rules, "hall-a",
                                                                 T0 + 6 * DAY)}
     hall = rows[("hall", "hall-a")]
     assert (hall["votes"], hall["good"], hall["bad"]) == (11, 8, 3)
@@ -294,11 +295,16 @@ def test_statistics_from_the_votes_are_reproduced_from_the_chain(trail):
     assert hall["good_rate"] == round(8 / 11, 4)
     # One unrated service is 6 days old at T0 + 6 days (not yet 7), one is one day old.
     assert (hall["unrated"], hall["default_rated"]) == (2, 0)
-    later = {(r["dimension"], r["key"]): r for r in A.hall_stats(stored, profile, "hall-a",
+    later = {(r["dimension"], r["key"]): r for r in A.hall_stats(stored, rules, "hall-a",
                                                                  T0 + 7 * DAY + 300)}
     assert (later[("hall", "hall-a")]["unrated"], later[("hall", "hall-a")]["default_rated"]) \
         == (1, 1)
     assert later[("hall", "hall-a")]["good_rate_with_default"] == round(9 / 12, 4)
+    # Tai'an counts working days (New Year holidays included) and defaults to 满意.
+    taian = {(r["dimension"], r["key"]): r for r in A.hall_stats(
+        stored, policy.load("taian"), "hall-a", T0 + 7 * DAY + 300)}[("hall", "hall-a")]
+    assert (taian["unrated"], taian["default_rated"], taian["default_stars"]) == (2, 0, 4)
+    assert A.hall_stats(stored, None, "hall-a", T0 + 99 * DAY)[0]["default_rated"] == 0
     w1 = rows[("window", "W01")]
     assert (w1["votes"], w1["good"], w1["bad"], w1["unrated"]) == (6, 5, 1, 1)
     staff = rows[("staff", "10235")]

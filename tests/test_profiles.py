@@ -2,7 +2,6 @@
 # profile x signature scheme round-trips through the reference receiver over real HTTP with
 # the profile's own path, authentication and encryption. Adding a province is adding a file
 # (the worked example in docs/province.md is the file used here).
-import copy
 import hashlib
 import json
 import os
@@ -192,26 +191,6 @@ def test_time_formats_format_and_parse_exactly():
     assert B.parse_time(True, dict(base, time_format="epoch_ms")) is None
 
 
-def test_default_rating_deadlines_natural_and_working_days():
-    base = B.load_profile("national")
-    friday = T0 + 86400 + 2 * 3600              # 2026-01-02 10:00 +08:00, a Friday
-    natural = dict(base, default_rating={"stars": 3, "after": 7, "days": "natural"})
-    assert B.default_deadline(friday, natural) == friday + 7 * 86400
-
-    def local_midnight(day):                    # 2026-01-<day> 00:00 +08:00
-        return T0 - 8 * 3600 + (day - 1) * 86400
-
-    working = dict(base, default_rating={"stars": 4, "after": 5, "days": "working"})
-    assert B.default_deadline(friday, working) == local_midnight(10)   # Mon 5 .. Fri 9
-    holiday = copy.deepcopy(working)
-    holiday["default_rating"]["holidays"] = ["2026-01-05"]
-    assert B.default_deadline(friday, holiday) == local_midnight(13)
-    makeup = copy.deepcopy(working)
-    makeup["default_rating"]["workdays"] = ["2026-01-04"]              # a 调休 Sunday
-    assert B.default_deadline(friday, makeup) == local_midnight(9)
-    assert B.default_deadline(friday, dict(base, default_rating=None)) is None
-
-
 def test_malformed_profiles_are_refused_with_the_reason(tmp_path):
     base = B.load_profile("national")
     changes = [
@@ -225,9 +204,6 @@ def test_malformed_profiles_are_refused_with_the_reason(tmp_path):
         ({"signature": {"schemes": ["rsa"]}}, "signature.schemes"),
         ({"signature": {"schemes": []}}, "signature.schemes"),
         ({"encryption": {"cipher": "aes"}}, "encryption"),
-        ({"default_rating": {"stars": 6, "after": 7}}, "default_rating.stars"),
-        ({"default_rating": {"stars": 3, "after": 7, "days": "lunar"}}, "default_rating.days"),
-        ({"default_rating": {"stars": 3, "after": 7, "holidays": ["1/1"]}}, "holidays"),
         ({"endpoint": {"path": "/a/../b"}}, "endpoint.path"),
         ({"endpoint": {"path": "batches"}}, "endpoint.path"),
         ({"indicators": {"codes": {}, "separator": "a"}}, "separator"),
@@ -419,9 +395,6 @@ def test_adding_a_province_is_adding_a_file(tmp_path):
              "eval_time": "2026/01/01 08:04:00", "channel": "07", "window_no": "W01",
              "eval_id": "D-sd:5", "rated": 1}
     assert {k: record[k] for k in shown} == shown
-    # Tai'an's rule as data: unrated after 5 working days counts as 满意.
-    assert profile["default_rating"]["stars"] == 4
-    assert B.default_deadline(T0, profile) > T0 + 5 * 86400
 
 
 def test_province_cli_serves_an_added_profile_with_clients(tmp_path):
