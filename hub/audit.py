@@ -23,6 +23,10 @@ LEVELS = (5, 4, 3, 2, 1)
 CSV_COLUMNS = ("dimension", "key", "name", "votes", "level_5", "level_4", "level_3", "level_2",
                "level_1", "good", "bad", "good_rate", "unrated", "default_rated",
                "default_stars", "good_rate_with_default")
+# A default rating the hub applied itself (jurisdictions where the hall applies it) is a
+# record under the identity "<device>.default" (hub/business.py derived_device): it counts
+# as default-rated, not as a vote, in both the stored votes and the chain.
+HALL_DEFAULT_SUFFIX = ".default"
 # The signed record fields a stored vote must still agree with.
 COMPARED = ("voteId", "deviceNo", "rated", "satisfaction", "evalDetail", "assessTime",
             "projectNo", "proManagerNo", "taskCode", "deptCode", "windowNo")
@@ -220,6 +224,9 @@ def services_from_votes(store, scope="stored"):
         prompt = prompt or {}
         out.append({
             "vote_id": "%s:%s" % (vote["device_id"], vote["seq"]),
+            "hall_default": vote["device_id"].endswith(HALL_DEFAULT_SUFFIX),
+            "device": vote["device_id"],
+            "case_no": vote["case_no"] or "",
             "rated": vote["kind"] == "v",
             "stars": vote["stars"] if vote["kind"] == "v" else None,
             "t": vote["t"],
@@ -269,11 +276,19 @@ def _service(national, profile, device_windows):
             stars = int(national.get("satisfaction"))
         except (TypeError, ValueError):
             stars = None
+    device = national.get("deviceNo")
+    device = device if isinstance(device, str) else ""
     window = national.get("windowNo")
     if window is None:
-        window = device_windows.get(national.get("deviceNo"), "")
+        # Records the hub derived ("<device>.<why>") stand at their device's window.
+        window = device_windows.get(device)
+        if window is None:
+            window = device_windows.get(device.rpartition(".")[0], "")
     return {
         "vote_id": national.get("voteId"),
+        "hall_default": device.endswith(HALL_DEFAULT_SUFFIX),
+        "device": device,
+        "case_no": national.get("projectNo") or "",
         "rated": rated,
         "stars": stars,
         "t": batchlib.record_time(national, profile),
@@ -303,7 +318,8 @@ def hall_stats(services, jurisdiction, hub_id, at, dimensions=DIMENSIONS, bad_ma
     default_stars), or None when unrated services never count as rated.
     votes: rated on site; level_N: votes with N stars; good/bad split at bad_max_stars;
     unrated: not rated and still inside the default-rating period; default_rated: not rated
-    and past it, counted at the jurisdiction's default level (default_stars);
+    and past it, counted at the jurisdiction's default level (default_stars), plus default
+    ratings the hub recorded itself (HALL_DEFAULT_SUFFIX);
     good_rate = good / votes; good_rate_with_default counts default ratings as ratings at
     their level.
     """
@@ -312,10 +328,18 @@ def hall_stats(services, jurisdiction, hub_id, at, dimensions=DIMENSIONS, bad_ma
             raise AuditError("unknown dimension %r (one of %s)" % (dim, ", ".join(DIMENSIONS)))
     bad_max = bad_max_stars
     default_stars = getattr(jurisdiction, "default_stars", None)
+    # The device's own unrated record of a service the hub then default-rated is the same
+    # service: count it once, as default-rated.
+    superseded = {(s["device"][:-len(HALL_DEFAULT_SUFFIX)], s["case_no"]) for s in services
+                  if s.get("hall_default") and s.get("case_no")}
     table = {}
     for service in services:
+        if not service["rated"] and (service.get("device"), service.get("case_no")) in superseded:
+            continue
         keys = _keys(service, hub_id)
-        if service["rated"]:
+        if service.get("hall_default"):
+            outcome = "default"
+        elif service["rated"]:
             outcome = service["stars"]
         else:
             deadline = jurisdiction.default_due(service["t"]) \

@@ -314,6 +314,22 @@ def test_statistics_from_the_votes_are_reproduced_from_the_chain(trail):
     assert rows[("department", "DEPT-B")]["votes"] == 5
 
 
+def test_a_default_rating_the_hall_applied_counts_once_as_default_rated():
+    def service(device, case, rated, stars=None, t=T0):
+        return {"vote_id": device + ":1", "hall_default": device.endswith(".default"),
+                "device": device, "case_no": case, "rated": rated, "stars": stars, "t": t,
+                "window": "W01", "staff_no": "7", "staff_name": "", "task_code": "T",
+                "task_name": "", "dept_code": "D"}
+
+    services = [service("D0001", "C1", False),                      # walked away
+                service("D0001.default", "C1", True, 4, T0 + 5 * DAY),  # the hall's default
+                service("D0001", "C2", False, t=T0 + 20 * DAY),         # still pending
+                service("D0001", "C3", True, 2)]
+    hall = A.hall_stats(services, policy.load("taian"), "h", T0 + 21 * DAY)[0]
+    assert (hall["votes"], hall["bad"], hall["unrated"], hall["default_rated"]) == (1, 1, 1, 1)
+    assert hall["good_rate_with_default"] == 0.5
+
+
 def test_stats_command_writes_csv_from_votes_and_from_the_chain(trail, tmp_path):
     env = {"PINGJIA_CONFIG": trail["settings"].source}
     runner = CliRunner()
