@@ -31,12 +31,14 @@ def _register():
     from hub.cli_flash import register as register_flash
     from hub.cli_keys import register as register_keys
     from hub.cli_devices import register as register_devices
+    from hub.cli_systems import register as register_systems
 
     register_admin(hub, device)
     register_run(hub)
     register_flash(device)
     register_keys(hub)
     register_devices(hub)
+    register_systems(hub)
 
     cli.add_command(sim)
     cli.add_command(province)
