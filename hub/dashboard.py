@@ -862,9 +862,9 @@ class Dashboard:
         text = metrics.render(self.store, self.settings.hub.id, states=self._states(),
                               alert_counts=self.book.counts(), hub_health=self.hub_health(),
                               dashboard=self.counters(), now=self.clock())
-        return web.Response(text=text, content_type="text/plain",
-                            headers={"Cache-Control": "no-store"},
-                            charset="utf-8")
+        return web.Response(body=text.encode("utf-8"), headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+            "Cache-Control": "no-store"})
 
 
 def _put(sub, message, dashboard=None):
