@@ -456,7 +456,9 @@
     fig.appendChild(h("figcaption", null, label + "：" + (last === null ? "—" : last + (unit || ""))));
     const W = 300, H = 60;
     const g = svg("svg", { viewBox: "0 0 " + W + " " + H, preserveAspectRatio: "none", role: "img", "aria-label": label });
-    if (pts.length > 1) {
+    if (pts.length === 1) {
+      g.appendChild(svg("polyline", { points: (W - 24) + "," + H / 2 + " " + (W - 2) + "," + H / 2 }));
+    } else if (pts.length > 1) {
       const t0 = pts[0].t, t1 = pts[pts.length - 1].t || t0 + 1;
       const vs = pts.map((p) => p[key]);
       const lo = Math.min(...vs), hi = Math.max(...vs);
@@ -502,7 +504,7 @@
       ["时钟校正", f.clk === undefined ? "—" : f.clk + " 秒"],
       ["今日评价", d.today ? d.today.good + d.today.bad + "（差评 " + d.today.bad + "，好评率 " + pct(d.today.rate) + "）" : "—"],
     ];
-    panel.replaceChildren(
+    panel.replaceChildren(...[
       h("div", { class: "device-head" }, h("a", { href: "#/" }, "← 大厅"),
         h("h2", null, "评价器 " + d.device_id),
         h("span", { class: "pill " + d.state, "data-state": d.state }, d.state_label)),
@@ -514,7 +516,8 @@
         sparkline(d.samples, "jd", "未确认记录", " 条"), sparkline(d.samples, "rssi", "信号", " dBm")),
       h("h3", null, "事件"),
       h("ol", { class: "events" }, d.events.length ? d.events.map((e) => h("li", null,
-        h("span", { class: "t" }, whenIso(e.at)), eventText(e))) : h("li", { class: "empty" }, "暂无事件。")));
+        h("span", { class: "t" }, whenIso(e.at)), eventText(e))) : h("li", { class: "empty" }, "暂无事件。")),
+    ].filter(Boolean));
   }
 
   // ---- wiring ----------------------------------------------------------------------------
