@@ -104,14 +104,23 @@ class App:
         if keys is None:
             keys = Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self.keys = keys
-        if draw is None and board.display is not None:
-            import screens  # imported late: a board without a panel never loads it
-            draw = screens.draw
+        self._bitmap = None
+        if board.display is not None:
+            # Imported late: a board without a panel never loads them. Hub bitmaps are
+            # decoded into the screens' form once, as their downlink arrives.
+            from display import bitmap
+            self._bitmap = bitmap
+            if draw is None:
+                import screens
+                draw = screens.draw
         self._draw = draw
         self.fw = VERSION
+        self.bad_downlinks = 0
         qr = (_attr(config, "extra") or {}).get("qr") or _attr(config, "qr")
         if qr is not None:
-            rating.qr = qr  # the QR fallback bitmap FULL shows, from provisioning
+            # The QR fallback bitmap FULL shows, from provisioning (one that does not decode
+            # leaves FULL with its text only, counted).
+            rating.qr = self._decode(qr)
         self.board_name = _attr(board, "name", "unknown")
         self._boot_ms = self.clock.ticks_ms()
         self._clk_offset = 0  # hub time minus RTC time, seconds
@@ -131,7 +140,6 @@ class App:
         self.refused_full = 0
         self.flash_errors = 0
         self.bad_records = 0
-        self.bad_downlinks = 0
         self.evt_dropped = 0
         self.resends = 0
         self.published = 0
@@ -222,14 +230,23 @@ class App:
             msg = json.loads(payload)
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
+            # The rating checks a message; once it holds one, its bitmaps are decoded in
+            # place into the form the screens draw (the base64 text is garbage from then).
+            decode = self._decode
             if kind == "ctx":
-                self.rating.set_context(msg)
+                if self.rating.set_context(msg):
+                    msg["name"] = decode(msg.get("name"))
+                    msg["win"] = decode(msg.get("win"))
             elif kind == "prompt":
                 outcome = self.rating.offer(msg, self.clock.ticks_ms())
+                if self.rating.prompt is msg:
+                    msg["item"] = decode(msg.get("item"))
                 pid = msg.get("pid")
                 self._queue_evt(pid if isinstance(pid, str) else "", outcome)
             elif kind == "cat":
-                self.rating.set_catalogue(msg)
+                if self.rating.set_catalogue(msg):
+                    for entry in msg["rs"]:
+                        entry["bm"] = decode(entry.get("bm"))
             elif kind == "time":
                 t = msg.get("t")
                 if not isinstance(t, int) or isinstance(t, bool):
@@ -241,6 +258,18 @@ class App:
             self.bad_downlinks += 1
             if kind == "prompt":
                 self._queue_evt("", "bad")
+
+    def _decode(self, wire):
+        # A checked wire bitmap in the form the screens draw (as is where there is no
+        # screen). Only base64 that is bad yet of the right length fails here: the screen
+        # then shows what it shows for no bitmap (the identifier, or 请您评价), counted.
+        if self._bitmap is None or wire is None:
+            return wire
+        try:
+            return self._bitmap(wire)
+        except ValueError:
+            self.bad_downlinks += 1
+            return None
 
     def _on_ack(self, seq):
         if self.journal.ack(seq):

@@ -8,9 +8,11 @@
 # a long case number scrolls by characters, a reason row wider than its column scrolls
 # while the cursor is on it and shows a "more" mark otherwise.
 #
-# Chinese comes only as bitmaps: wire bitmaps from the hub (names, item, reasons) and the
-# build-time strings in ui_text.py. ASCII (工号 digits, case numbers, counters) uses
-# framebuf's 8x8 font.
+# Chinese comes only as bitmaps in the device form of display.py: hub bitmaps (names,
+# item, reasons; the app decodes them when their downlink arrives) and the build-time
+# strings of ui_text.py, used here by index (_T_*). ASCII (工号 digits, case numbers,
+# counters) uses framebuf's 8x8 font. Drawing a view allocates nothing: the app redraws
+# several times a second while a prompt is up.
 try:
     from time import ticks_diff
 except ImportError:  # CPython type checkers
@@ -23,10 +25,32 @@ except ImportError:
     def const(x):  # type: ignore[misc]
         return x
 
-import framebuf
+from display import blit, width
+from ui_text import TEXTS
 
-import ui_text as T
-from display import blit_bitmap, blit_ui, load_bitmap
+# Indices into ui_text.TEXTS (build_ui.STRINGS order, then the built-in reasons);
+# tests/test_display.py checks every one against ui_text.NAMES.
+_T_PAUSED = const(0)
+_T_THANKS = const(1)
+_T_SCAN_QR = const(2)
+_T_SCAN_HOW = const(3)
+_T_NO_RATING = const(4)
+_T_ASK_STAFF = const(5)
+_T_PLEASE_RATE = const(6)
+_T_WAIT = const(7)
+_T_PICK_REASONS = const(8)
+_T_NEED_REASON = const(9)
+_T_MAX_REASONS = const(10)
+_T_WINDOW = const(11)
+_T_STAFF_NO = const(12)
+_T_CASE_NO = const(13)
+_T_STAFF_ONLY = const(14)
+_T_DELIVERY = const(15)
+_T_BATCH_OPEN = const(16)
+_T_BATCH_CLOSE = const(17)
+_T_LEVEL_5 = const(18)  # LEVEL_5 .. LEVEL_1 follow in key order, left to right
+_T_KEY_UP = const(23)  # KEY_UP, KEY_DOWN, KEY_TOGGLE, KEY_BACK, KEY_SUBMIT
+_T_REASON_PJ01 = const(28)  # REASON_PJ01 .. REASON_PJ06: the built-in reasons
 
 _ROW = const(16)  # one line of hub text
 _LABEL_Y_GAP = const(2)  # a 12 px label sits 2 px down in a 16 px row
@@ -37,10 +61,18 @@ _CHAR_MS = const(400)  # a scrolling 8x8 string moves one character this often
 _PANEL_W = const(84)  # REASONS side panel on wide screens
 _BOX = const(9)  # check box size
 _WIDE = const(200)  # screens at least this wide get the full layout
+_KEYS = const(5)
 
 # Where each scrolling region started: [key, start ms] for the item row and the reason
 # under the cursor; a new bitmap (another prompt, cursor moved) starts from the left.
 _scroll = [None, 0, None, 0]
+# Label widths and positions over the keys, filled in place.
+_WIDTHS = [0] * _KEYS
+_XS = [0] * _KEYS
+# Codes of the built-in reasons (evaluator/reasons.py), in ui_text order.
+_BUILTIN = ("PJ01", "PJ02", "PJ03", "PJ04", "PJ05", "PJ06")
+# A 9x9 star in the device bitmap form.
+_STAR = b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\x00\x09\x00\x09"
 
 
 def marquee(total, visible, elapsed_ms):
@@ -71,37 +103,6 @@ def _elapsed(slot, key, now):
     return ticks_diff(now, _scroll[slot + 1])
 
 
-# Label positions over the keys, filled in place: drawing allocates nothing for them.
-_KEYS = const(5)
-_WIDTHS = [0] * _KEYS
-_XS = [0] * _KEYS
-
-
-def _spread(widths, total, gap, xs=_XS):
-    """x of each label, centred over evenly spaced keys, pushed apart to `gap`.
-
-    Fills and returns xs, or returns None when the labels cannot fit side by side.
-    """
-    n = len(widths)
-    need = gap * (n - 1)
-    for w in widths:
-        need += w
-    if need > total:
-        return None
-    for i in range(n):
-        centre = (2 * i + 1) * total // (2 * n)
-        xs[i] = min(max(0, centre - widths[i] // 2), total - widths[i])
-    for i in range(1, n):  # push right where a label runs into its left neighbour
-        least = xs[i - 1] + widths[i - 1] + gap
-        if xs[i] < least:
-            xs[i] = least
-    for i in range(n - 1, -1, -1):  # then left where that ran past the edge or a neighbour
-        most = total - widths[i] if i == n - 1 else xs[i + 1] - gap - widths[i]
-        if xs[i] > most:
-            xs[i] = most
-    return xs
-
-
 def _digits(n):
     count = 1
     while n >= 10:
@@ -127,79 +128,58 @@ def _text(fb, s, x, y, c=1):
     return x + 8 * len(s)
 
 
-def _text_scroll(fb, s, x, y, max_chars, now, slot):
-    # A string of 8x8 characters that may be longer than its room: whole characters slide.
-    if len(s) <= max_chars:
-        return _text(fb, s, x, y)
-    if max_chars < 1:
-        return x
-    travel = len(s) - max_chars
-    t = _elapsed(slot, s, now) % (2 * _PAUSE_MS + travel * _CHAR_MS)
-    first = 0 if t < _PAUSE_MS else min(travel, (t - _PAUSE_MS) // _CHAR_MS)
-    return _text(fb, s[first:first + max_chars], x, y)
+def _ui(fb, i, x, y, invert=False):
+    return blit(fb, TEXTS[i], x, y, invert)
 
 
-# A 9x9 star, in the (buffer, w, h, format) form blit() takes without copying.
-_STAR = (b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\x00",
-         9, 9, framebuf.MONO_HLSB)
-# Palette that draws ink as 0: a star on a lit (inverted) background.
-_DARK = framebuf.FrameBuffer(bytearray(1), 2, 1, framebuf.MONO_HLSB)
+def _key_row(fb, first, y, chosen=-1):
+    """The five labels TEXTS[first..first+4] over the keys; label `chosen` inverted.
 
-
-def _seconds(fb, n, x, y):
-    # "57s": the seconds left before the prompt ends unrated.
-    fb.text("s", _number(fb, n, x, y), y, 1)
-
-
-def _star(fb, x, y, c=1):
-    if c:
-        fb.blit(_STAR, x, y, 0)
-    else:
-        fb.blit(_STAR, x, y, 0, _DARK)
-
-
-def _key_row(fb, labels, y, chosen=-1):
-    """The labels over the five keys; label `chosen` (index) drawn inverted."""
+    Labels too wide to sit side by side become pips: a digit and a star per key."""
     widths = _WIDTHS
+    xs = _XS
+    W = fb.width
+    need = 4 * (_KEYS - 1)
     for i in range(_KEYS):
-        widths[i] = labels[i][1]
-    xs = _spread(widths, fb.width, 4)
-    if xs is None:
-        _pips(fb, y, chosen)
+        widths[i] = width(TEXTS[first + i])
+        need += widths[i]
+    if need > W:
+        for i in range(_KEYS):
+            centre = (2 * i + 1) * W // (2 * _KEYS)
+            if i == chosen:
+                fb.fill_rect(centre - 12, y - 1, 24, 12, 1)
+            _number(fb, 5 - i, centre - 10, y + 2, 0 if i == chosen else 1)
+            # A star; on the lit box of the chosen key it is drawn dark.
+            blit(fb, _STAR, centre + 1, y + 1, i == chosen)
         return
-    for i in range(len(labels)):
+    # Centred over evenly spaced keys, pushed apart to a 4 px gap: first right where a
+    # label runs into its left neighbour, then left where that ran past the edge.
+    for i in range(_KEYS):
+        centre = (2 * i + 1) * W // (2 * _KEYS)
+        xs[i] = min(max(0, centre - widths[i] // 2), W - widths[i])
+    for i in range(1, _KEYS):
+        least = xs[i - 1] + widths[i - 1] + 4
+        if xs[i] < least:
+            xs[i] = least
+    for i in range(_KEYS - 1, -1, -1):
+        most = W - widths[i] if i == _KEYS - 1 else xs[i + 1] - 4 - widths[i]
+        if xs[i] > most:
+            xs[i] = most
+    for i in range(_KEYS):
+        label = TEXTS[first + i]
         if i == chosen:
-            fb.fill_rect(xs[i] - 2, y - 1, widths[i] + 4, labels[i][2] + 1, 1)
-        blit_ui(fb, labels[i], xs[i], y, i == chosen)
+            fb.fill_rect(xs[i] - 2, y - 1, widths[i] + 4, label[-1] + 1, 1)
+        blit(fb, label, xs[i], y, i == chosen)
 
 
-def _pips(fb, y, chosen):
-    # 5..1 stars as a digit and a star per key.
-    n = 5
-    for i in range(n):
-        centre = (2 * i + 1) * fb.width // (2 * n)
-        if i == chosen:
-            fb.fill_rect(centre - 12, y - 1, 24, 12, 1)
-        c = 0 if i == chosen else 1
-        _number(fb, 5 - i, centre - 10, y + 2, c)
-        _star(fb, centre + 1, y + 1, c)
-
-
-def _bitmap_or_text(fb, bm, fallback, x, y):
-    """Draw a hub bitmap, or the ASCII fallback (an id) when the hub sent none."""
-    if bm is not None:
-        return x + blit_bitmap(fb, bm, x, y)
-    return _text(fb, fallback, x, y + _TEXT_Y_GAP)
-
-
-def _staff(fb, ctx, x, y):
-    """Staff name, 工号 and number on a 16 px row from x; returns the x after it."""
+def _staff(fb, ctx, x, y, parts=3):
+    """Staff name (parts & 1) and 工号 (parts & 2) on a 16 px row from x; returns x after."""
     name = ctx.get("name")
-    if name is not None:
-        x += blit_bitmap(fb, name, x, y) + 6
+    if name is not None and parts & 1:
+        x += blit(fb, name, x, y) + 6
     sn = ctx.get("sn") or ""
-    if sn:
-        x += blit_ui(fb, T.STAFF_NO, x, y + _LABEL_Y_GAP) + 2
+    if sn and parts & 2:
+        x += _ui(fb, _T_STAFF_NO, x, y + _LABEL_Y_GAP) + 2
         x = _text(fb, sn, x, y + _TEXT_Y_GAP)
     return x
 
@@ -208,15 +188,17 @@ def _width_of_staff(ctx):
     w = 0
     name = ctx.get("name")
     if name is not None:
-        w += name["w"] + 6
+        w += width(name) + 6
     sn = ctx.get("sn") or ""
     if sn:
-        w += T.STAFF_NO[1] + 2 + 8 * len(sn)
+        w += width(TEXTS[_T_STAFF_NO]) + 2 + 8 * len(sn)
     return w
 
 
-def _centre_x(fb, w):
-    return max(0, (fb.width - w) // 2)
+def _centre(fb, i, y):
+    # A UI string centred across the screen.
+    t = TEXTS[i]
+    blit(fb, t, max(0, (fb.width - width(t)) // 2), y)
 
 
 def _window(fb, ctx, y):
@@ -225,18 +207,18 @@ def _window(fb, ctx, y):
     w_id = ctx.get("w") or ""
     if win is None and not w_id:
         return False
-    x = blit_ui(fb, T.WINDOW, 0, y + _LABEL_Y_GAP) + 4
-    _bitmap_or_text(fb, win, w_id, x, y)
+    x = _ui(fb, _T_WINDOW, 0, y + _LABEL_Y_GAP) + 4
+    if win is not None:
+        blit(fb, win, x, y)
+    else:
+        _text(fb, w_id, x, y + _TEXT_Y_GAP)
     return True
 
 
 # ---- the screens ------------------------------------------------------------------------
 def draw_off(fb, view, now):
-    ctx = view.get("ctx") or {}
-    top = _window(fb, ctx, 0)
-    t = T.PAUSED
-    y = 24 if top else (fb.height - t[2]) // 2
-    blit_ui(fb, t, _centre_x(fb, t[1]), y)
+    top = _window(fb, view.get("ctx") or {}, 0)
+    _centre(fb, _T_PAUSED, 24 if top else (fb.height - TEXTS[_T_PAUSED][-1]) // 2)
 
 
 def draw_idle(fb, view, now):
@@ -244,48 +226,35 @@ def draw_idle(fb, view, now):
     _window(fb, ctx, 0)
     w = _width_of_staff(ctx)
     if w <= fb.width:
-        _staff(fb, ctx, _centre_x(fb, w), 22)
+        _staff(fb, ctx, max(0, (fb.width - w) // 2), 22)
     else:  # narrow panel: name on one row, 工号 below the hint's row
-        name = ctx.get("name")
-        _staff(fb, {"name": name}, 0, 18)
-        _staff(fb, {"sn": ctx.get("sn")}, 0, 32)
-    t = T.PLEASE_RATE
-    blit_ui(fb, t, _centre_x(fb, t[1]), fb.height - t[2])
-
-
-def _item_row(fb, view, now):
-    prompt = view.get("prompt") or {}
-    item = prompt.get("item")
-    if item is None:
-        blit_ui(fb, T.PLEASE_RATE, 0, 0)
-        return False
-    load_bitmap(item)
-    off = marquee(item["w"], fb.width, _elapsed(0, item, now))
-    blit_bitmap(fb, item, -off, 0)
-    return item["w"] > fb.width
-
-
-def _batch_width(n):
-    return T.BATCH_OPEN[1] + 2 + 8 * _digits(n) + 2 + T.BATCH_CLOSE[1]
-
-
-def _batch(fb, n, x, y):
-    x += blit_ui(fb, T.BATCH_OPEN, x, y + _LABEL_Y_GAP) + 2
-    x = _number(fb, n, x, y + _TEXT_Y_GAP) + 2
-    return x + blit_ui(fb, T.BATCH_CLOSE, x, y + _LABEL_Y_GAP)
+        _staff(fb, ctx, 0, 18, 1)
+        _staff(fb, ctx, 0, 32, 2)
+    _centre(fb, _T_PLEASE_RATE, fb.height - TEXTS[_T_PLEASE_RATE][-1])
 
 
 def draw_prompt(fb, view, now, saving=False):
     W = fb.width
     prompt = view.get("prompt") or {}
     ctx = view.get("ctx") or {}
-    moving = _item_row(fb, view, now)
+    # Row 1: the item name, gliding when wider than the screen.
+    item = prompt.get("item")
+    moving = False
+    if item is None:
+        _ui(fb, _T_PLEASE_RATE, 0, 0)
+    else:
+        w = width(item)
+        blit(fb, item, -marquee(w, W, _elapsed(0, item, now)), 0)
+        moving = w > W
 
     # Row 2: who served, and on the right the batch size and the seconds left. Where the
     # row is too narrow the countdown goes first, then 工号 (it is on the IDLE screen).
     y2 = 18
     n = prompt.get("n", 1) or 1
-    batch_w = _batch_width(n) + 6 if n > 1 else 0
+    batch_w = 0
+    if n > 1:
+        batch_w = (width(TEXTS[_T_BATCH_OPEN]) + 2 + 8 * _digits(n) + 2
+                   + width(TEXTS[_T_BATCH_CLOSE]) + 6)
     staff_w = _width_of_staff(ctx)
     left_s = view.get("left_s")
     left_w = 0
@@ -296,41 +265,54 @@ def draw_prompt(fb, view, now, saving=False):
     right = W
     if left_w:
         right -= left_w
-        _seconds(fb, left_s, right, y2 + _TEXT_Y_GAP)
+        fb.text("s", _number(fb, left_s, right, y2 + _TEXT_Y_GAP), y2 + _TEXT_Y_GAP, 1)
         right -= 6
     if batch_w:
         right -= batch_w
-        _batch(fb, n, right + 6, y2)
+        x = right + 6
+        x += _ui(fb, _T_BATCH_OPEN, x, y2 + _LABEL_Y_GAP) + 2
+        x = _number(fb, n, x, y2 + _TEXT_Y_GAP) + 2
+        _ui(fb, _T_BATCH_CLOSE, x, y2 + _LABEL_Y_GAP)
     if staff_w <= right:
         _staff(fb, ctx, 0, y2)
     elif ctx.get("name") is not None:
-        blit_bitmap(fb, ctx["name"], 0, y2)
+        blit(fb, ctx["name"], 0, y2)
 
     # Row 3: the case number, and what kind of rating this is (or the saving note).
     y3 = 34
-    note = None
+    note = -1
     if saving:
-        note = T.WAIT
+        note = _T_WAIT
     elif view.get("staff_only"):
-        note = T.STAFF_ONLY
+        note = _T_STAFF_ONLY
     elif prompt.get("kind") == "cn_dlv":
-        note = T.DELIVERY
+        note = _T_DELIVERY
     room = W
-    if note is not None:
-        nx = W - note[1]
-        blit_ui(fb, note, nx, y3 + _LABEL_Y_GAP if note[2] <= 12 else y3 - 2)
+    if note >= 0:
+        t = TEXTS[note]
+        nx = W - width(t)
+        blit(fb, t, nx, y3 + _LABEL_Y_GAP if t[-1] <= 12 else y3 - 2)
         room = nx - 8
     case = prompt.get("case") or ""
     if case:
         x = 0
-        if note is None:
-            x = blit_ui(fb, T.CASE_NO, 0, y3 + _LABEL_Y_GAP) + 4
-        _text_scroll(fb, case, x, y3 + _TEXT_Y_GAP, (room - x) // 8, now, 2)
+        if note < 0:
+            x = _ui(fb, _T_CASE_NO, 0, y3 + _LABEL_Y_GAP) + 4
+        max_chars = (room - x) // 8
+        y = y3 + _TEXT_Y_GAP
+        if len(case) <= max_chars:
+            _text(fb, case, x, y)
+        elif max_chars >= 1:
+            # Longer than its room: whole characters slide.
+            travel = len(case) - max_chars
+            t = _elapsed(2, case, now) % (2 * _PAUSE_MS + travel * _CHAR_MS)
+            first = 0 if t < _PAUSE_MS else min(travel, (t - _PAUSE_MS) // _CHAR_MS)
+            _text(fb, case[first:first + max_chars], x, y)
 
     # Row 4: the five levels over the keys; while saving, the chosen one inverted.
     fb.hline(0, 50, W, 1)
     stars = view.get("stars") or 0
-    _key_row(fb, T.LEVELS, 52, 5 - stars if saving and stars else -1)
+    _key_row(fb, _T_LEVEL_5, 52, 5 - stars if saving and stars else -1)
     return moving
 
 
@@ -352,160 +334,143 @@ def draw_reasons(fb, view, now):
         if i >= len(reasons):
             break
         entry = reasons[i]
+        code = entry.get("c")
         y = r * _ROW
         on = i == cursor
         paper = 1 if on else 0
         if on:
             fb.fill_rect(0, y, list_w, _ROW, 1)
         bm = entry.get("bm")
-        ui = T.REASONS.get(entry.get("c")) if bm is None else None  # built-in reasons
-        width = bm["w"] if bm is not None else (ui[1] if ui is not None else 8 * len(entry["c"]))
+        if bm is None and code in _BUILTIN:  # a built-in reason: its label from ui_text
+            bm = TEXTS[_T_REASON_PJ01 + _BUILTIN.index(code)]
+        w = width(bm) if bm is not None else 8 * len(code)
         off = 0
-        if on and width > room:
-            off = marquee(width, room, _elapsed(2, bm if bm is not None else entry, now))
+        if on and w > room:
+            off = marquee(w, room, _elapsed(2, bm if bm is not None else entry, now))
             moving = True
         x = text_x - off
         if bm is not None:
-            blit_bitmap(fb, bm, x, y + (_ROW - bm["h"]) // 2 if bm["h"] < _ROW else y, on)
-        elif ui is not None:
-            blit_ui(fb, ui, x, y, on)
+            blit(fb, bm, x, y + (_ROW - bm[-1]) // 2 if bm[-1] < _ROW else y, on)
         else:  # a reason with neither bitmap nor built-in label: show its code
-            _text(fb, entry["c"], x, y + _TEXT_Y_GAP, 1 - paper)
+            _text(fb, code, x, y + _TEXT_Y_GAP, 1 - paper)
         # Clip what scrolled past the left or right edge of the text column.
         fb.fill_rect(0, y, text_x, _ROW, paper)
         fb.fill_rect(list_w - 2, y, W - list_w + 2, _ROW, 0)
         if on:
             fb.fill_rect(list_w - 2, y, 2, _ROW, 1)
-        if width - off > room:  # more text to the right: a small arrow says so
+        if w - off > room:  # more text to the right: a small arrow says so
             fb.fill_rect(list_w - 7, y, 5, _ROW, paper)
             for k in range(3):
                 fb.vline(list_w - 6 + k, y + 5 + k, 7 - 2 * k, 1 - paper)
         fb.rect(4, y + 3, _BOX, _BOX, 1 - paper)
-        if entry.get("c") in selected:
+        if code in selected:
             fb.fill_rect(6, y + 5, _BOX - 4, _BOX - 4, 1 - paper)
     pages = view.get("pages") or 0
+    hint = view.get("hint")
+    shown = _T_NEED_REASON if hint == "need_reason" else (
+        _T_MAX_REASONS if hint == "max_reasons" else -1)
 
     if wide:
         px = W - _PANEL_W
         fb.vline(px - 4, 0, 48, 1)
         stars = view.get("stars") or 0
         if 1 <= stars <= 5:
-            t = T.LEVELS[5 - stars]
-            fb.fill_rect(px, 0, t[1] + 4, t[2] + 1, 1)
-            blit_ui(fb, t, px + 2, 0, True)
-        hint = _hint(view.get("hint"))
-        if hint is not None:
-            fb.fill_rect(px, 18, hint[1], hint[2] + 2, 1)
-            blit_ui(fb, hint, px, 19, True)
-        elif view.get("hint"):
-            _text(fb, str(view["hint"])[:_PANEL_W // 8], px, 20)
+            t = TEXTS[_T_LEVEL_5 + 5 - stars]
+            fb.fill_rect(px, 0, width(t) + 4, t[-1] + 1, 1)
+            blit(fb, t, px + 2, 0, True)
+        if shown >= 0:
+            t = TEXTS[shown]
+            fb.fill_rect(px, 18, width(t), t[-1] + 2, 1)
+            blit(fb, t, px, 19, True)
+        elif hint:
+            _text(fb, str(hint)[:_PANEL_W // 8], px, 20)
         else:
-            blit_ui(fb, T.PICK_REASONS, px, 14)
+            _ui(fb, _T_PICK_REASONS, px, 14)
         if pages > 1:
             x = _number(fb, (view.get("page") or 0) + 1, px, 40)
             fb.text("/", x, 40, 1)
             _number(fb, pages, x + 8, 40)
         left_s = view.get("left_s")
         if left_s is not None:
-            _seconds(fb, left_s, W - 8 * (_digits(left_s) + 1), 40)
-    else:
-        hint = _hint(view.get("hint"))
-        if hint is not None:  # over the list's last row: the citizen must see it now
-            y = rows * _ROW - hint[2] - 2
-            fb.fill_rect(0, y, W, hint[2] + 2, 1)
-            blit_ui(fb, hint, _centre_x(fb, hint[1]), y + 1, True)
+            x = W - 8 * (_digits(left_s) + 1)
+            fb.text("s", _number(fb, left_s, x, 40), 40, 1)
+    elif shown >= 0:  # over the list's last row: the citizen must see it now
+        t = TEXTS[shown]
+        y = rows * _ROW - t[-1] - 2
+        fb.fill_rect(0, y, W, t[-1] + 2, 1)
+        blit(fb, t, max(0, (W - width(t)) // 2), y + 1, True)
     fb.hline(0, 50, W, 1)
-    _key_row(fb, T.SOFT_KEYS, 52)
+    _key_row(fb, _T_KEY_UP, 52)
     return moving
 
 
-def _hint(hint):
-    if hint == "need_reason":
-        return T.NEED_REASON
-    if hint == "max_reasons":
-        return T.MAX_REASONS
-    return None
-
-
 def draw_thanks(fb, view, now):
-    t = T.THANKS
     stars = view.get("stars") or 0
     if not 1 <= stars <= 5:
-        blit_ui(fb, t, _centre_x(fb, t[1]), (fb.height - t[2]) // 2)
+        _centre(fb, _T_THANKS, (fb.height - TEXTS[_T_THANKS][-1]) // 2)
         return False
     # The level just recorded, under the thanks: the citizen sees what went in.
-    blit_ui(fb, t, _centre_x(fb, t[1]), 8)
-    label = T.LEVELS[5 - stars]
-    x = _centre_x(fb, label[1] + 8 + 11 * stars)
-    x += blit_ui(fb, label, x, 44) + 8
+    _centre(fb, _T_THANKS, 8)
+    label = TEXTS[_T_LEVEL_5 + 5 - stars]
+    x = max(0, (fb.width - (width(label) + 8 + 11 * stars)) // 2)
+    x += blit(fb, label, x, 44) + 8
     for i in range(stars):
-        _star(fb, x + 11 * i, 45)
+        blit(fb, _STAR, x + 11 * i, 45)
     return False
 
 
 def draw_full(fb, view, now):
     qr = view.get("qr")
     H = fb.height
-    if not isinstance(qr, dict):
-        t = T.NO_RATING
-        blit_ui(fb, t, _centre_x(fb, t[1]), 8)
-        t = T.ASK_STAFF
-        blit_ui(fb, t, _centre_x(fb, t[1]), 40)
+    if qr is None:
+        _centre(fb, _T_NO_RATING, 8)
+        _centre(fb, _T_ASK_STAFF, 40)
         return False
-    size = _qr(fb, qr, 0, H)
-    x = size + 6
-    room = fb.width - x
-    t = T.SCAN_QR
-    if t[1] <= room:
-        blit_ui(fb, t, x + (room - t[1]) // 2, 10)
-    t = T.SCAN_HOW
-    if t[1] <= room:
-        blit_ui(fb, t, x + (room - t[1]) // 2, 42)
-    return False
-
-
-def _qr(fb, qr, x, box):
-    """Draw a QR module matrix (one bit per module) scaled into a box x box square.
-
-    Dark modules must be dark on a light ground for phone cameras, so on this light-on-
-    dark panel the square is lit and the dark modules are left unlit. Returns box.
-    """
-    src = load_bitmap(qr)
-    n = max(qr["w"], qr["h"])
-    scale = max(1, (box - 4) // n) if n else 1
-    quiet = max(0, (box - n * scale) // 2)
-    fb.fill_rect(x, 0, box, box, 1)
-    for my in range(qr["h"]):
+    # The QR module matrix (one bit per module) scaled into an H x H square. Dark modules
+    # must be dark on a light ground for phone cameras, so on this light-on-dark panel the
+    # square is lit and the dark modules are left unlit.
+    qw = width(qr)
+    qh = qr[-1]
+    stride = (qw + 7) >> 3
+    n = max(qw, qh)
+    scale = max(1, (H - 4) // n)
+    quiet = max(0, (H - n * scale) // 2)
+    fb.fill_rect(0, 0, H, H, 1)
+    for my in range(qh):
         py = quiet + my * scale
-        for mx in range(qr["w"]):
-            if src.pixel(mx, my):
-                fb.fill_rect(x + quiet + mx * scale, py, scale, scale, 0)
-    return box
-
-
-_DRAW = {
-    "OFF": draw_off,
-    "IDLE": draw_idle,
-    "PROMPT": draw_prompt,
-    "REASONS": draw_reasons,
-    "THANKS": draw_thanks,
-    "FULL": draw_full,
-}
+        for mx in range(qw):
+            if qr[my * stride + (mx >> 3)] & (0x80 >> (mx & 7)):
+                fb.fill_rect(quiet + mx * scale, py, scale, scale, 0)
+    x = H + 6
+    room = fb.width - x
+    for i, y in ((_T_SCAN_QR, 10), (_T_SCAN_HOW, 42)):
+        t = TEXTS[i]
+        if width(t) <= room:
+            blit(fb, t, x + (room - width(t)) // 2, y)
+    return False
 
 
 def draw(fb, view, now=0):
     """Clear fb and paint `view`; `now` is ticks_ms (drives scrolling).
 
     Returns True while something on screen scrolls (the caller redraws a few times a
-    second). A malformed bitmap in the view raises ValueError from display.load_bitmap.
+    second). Bitmaps in the view are device bitmaps (display.bitmap() of the wire form).
     """
     fb.fill(0)
     state = view.get("state")
-    if state == "SAVING":
-        return bool(draw_prompt(fb, view, now, True))
-    fn = _DRAW.get(state)
-    if fn is None:  # a state this firmware does not know: say so rather than go blank
+    if state == "SAVING" or state == "PROMPT":
+        return bool(draw_prompt(fb, view, now, state == "SAVING"))
+    if state == "REASONS":
+        return bool(draw_reasons(fb, view, now))
+    if state == "IDLE":
+        draw_idle(fb, view, now)
+    elif state == "OFF":
+        draw_off(fb, view, now)
+    elif state == "THANKS":
+        draw_thanks(fb, view, now)
+    elif state == "FULL":
+        draw_full(fb, view, now)
+    else:  # a state this firmware does not know: say so rather than go blank
         _text(fb, "state?", 0, 0)
         _text(fb, str(state)[: fb.width // 8], 0, 12)
-        return False
-    return bool(fn(fb, view, now))
+    return False

@@ -75,8 +75,24 @@ def sources(root: str = ROOT) -> dict[str, str]:
     return found
 
 
+# Part of every module's digest: a change to how modules are compiled rebuilds them all.
+RECIPE = "source-name=module-name"
+
+
+def source_name(rel: str) -> str:
+    """The name mpy-cross records as a module's source file: its dotted module name.
+
+    A device interns every name an .mpy carries into its heap for good (ROMFS keeps the
+    characters, not the table entry); the module name is interned anyway at import, so
+    naming the source after it costs nothing, where "firmware/app.py" would cost one more
+    entry per module. Tracebacks then read `File "evaluator.journal", line 12`.
+    """
+    name = rel[:-4].replace("/", ".")
+    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+
+
 def _digest(path: str, tool_id: str) -> str:
-    h = hashlib.sha256(tool_id.encode())
+    h = hashlib.sha256((tool_id + "|" + RECIPE).encode())
     with open(path, "rb") as f:
         h.update(f.read())
     return h.hexdigest()
@@ -117,7 +133,7 @@ def build(out_dir: str = DEFAULT_OUT, root: str = ROOT, mpy_cross: str | None = 
         # Compile into a private temp file and rename: parallel builds never see half a module.
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-", suffix=".mpy")
         os.close(fd)
-        proc = subprocess.run([cmd, "-o", tmp, "-s", os.path.relpath(src, root), src],
+        proc = subprocess.run([cmd, "-o", tmp, "-s", source_name(rel), src],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             os.unlink(tmp)

@@ -53,7 +53,7 @@ class SimPin:
 
 class SimBoard:
     def __init__(self, spec, device_id, ctl_port=0, workdir=".", reset_cause="power"):
-        self.spec = spec
+        # The spec (board.json) is read here and not kept: the caller drops it after boot.
         self.name = spec.get("board", "sim-v1")
         self.device_id = device_id
         self.ctl_port = ctl_port

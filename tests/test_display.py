@@ -168,6 +168,38 @@ def test_ui_text_is_what_the_generator_makes(wqy):
     assert build_ui.generate(wqy) == committed, "run: python firmware/build_ui.py"
 
 
+def test_screens_name_ui_strings_by_their_index_in_ui_text():
+    # screens.py blits TEXTS[i] with compile-time constants (no names on the device heap);
+    # each must be the index of the string it is named after.
+    import re
+
+    with open(os.path.join(ROOT, "firmware", "screens.py"), encoding="utf-8") as f:
+        found = re.findall(r"^_T_(\w+) = const\((\d+)\)", f.read(), re.M)
+    names = ui_text.NAMES.split()
+    assert len(found) >= 20
+    for name, index in found:
+        assert names[int(index)] == name, name
+    # The groups screens.py walks by offset are contiguous, in key order.
+    start = names.index("LEVEL_5")
+    assert names[start:start + 5] == ["LEVEL_5", "LEVEL_4", "LEVEL_3", "LEVEL_2", "LEVEL_1"]
+    start = names.index("KEY_UP")
+    assert names[start:start + 5] == ["KEY_UP", "KEY_DOWN", "KEY_TOGGLE", "KEY_BACK",
+                                      "KEY_SUBMIT"]
+    codes = [n[len("REASON_"):] for n in names if n.startswith("REASON_")]
+    assert codes == list(rating.FALLBACK_CODES)
+    assert names.index("REASON_" + codes[0]) + len(codes) == len(names)
+    with open(os.path.join(ROOT, "firmware", "screens.py"), encoding="utf-8") as f:
+        builtin = re.search(r"^_BUILTIN = (\(.*?\))$", f.read(), re.M).group(1)
+    assert eval(builtin) == rating.FALLBACK_CODES
+
+
+def test_built_in_reasons_have_labels_for_the_build_step():
+    from firmware import build_ui
+
+    assert [code for code, _label in build_ui.FALLBACK_LABELS] == list(rating.FALLBACK_CODES)
+    assert all(label for _code, label in build_ui.FALLBACK_LABELS)
+
+
 def test_ui_text_has_every_fixed_string_and_built_in_reason():
     for name in ("PAUSED", "PLEASE_RATE", "THANKS", "PICK_REASONS", "SCAN_QR", "NEED_REASON",
                  "STAFF_NO", "WINDOW", "STAFF_ONLY", "KEY_UP", "KEY_SUBMIT"):
@@ -177,6 +209,9 @@ def test_ui_text_has_every_fixed_string_and_built_in_reason():
     assert len(ui_text.LEVELS) == 5 and len(ui_text.SOFT_KEYS) == 5
     for entry in rating.FALLBACK_REASONS:
         assert entry["c"] in ui_text.REASONS
+    for raw in ui_text.TEXTS:  # the device form: rows, then width and height
+        w, h = raw[-3] | raw[-2] << 8, raw[-1]
+        assert len(raw) == (w + 7) // 8 * h + 3
 
 
 # ---- panel drivers on fake buses ---------------------------------------------------------
@@ -195,8 +230,8 @@ def firmware_mpy(tmp_path_factory):
     A 64 KB heap cannot compile ui_text.py from source; devices never do either.
     """
     out = tmp_path_factory.mktemp("mpy")
-    for src in ("firmware/display.py", "firmware/screens.py", "firmware/ui_text.py",
-                "tests/mp_display/draw_screens.py"):
+    for src in ("firmware/display.py", "firmware/panels.py", "firmware/screens.py",
+                "firmware/ui_text.py", "tests/mp_display/draw_screens.py"):
         name = os.path.basename(src)[:-3]
         target = str(out / (name + ".mpy"))
         proc = subprocess.run([mpy_cross_cmd(), "-o", target, os.path.join(ROOT, src)],
@@ -302,9 +337,11 @@ def test_ssd1306_sends_pages_over_i2c(buses):
     assert data[1] == 0x01 and data[-1] == 0x80  # (0,0) is bit 0 of page 0; (127,63) bit 7
 
 
-def test_wire_bitmaps_decode_once_blit_and_invert(buses):
+def test_wire_bitmaps_decode_to_the_device_form_and_blit_without_allocating(buses):
     b = buses["bitmaps"]
-    assert b["same"] is True
+    # The rows, then width low, width high, height.
+    assert b["form"] == [[0x80, 0x40, 0x40, 0x00, 10, 0, 2], 10]
+    assert b["none"] is None and b["blit_alloc"] == 0
     plain = b["plain"]
     assert plain[1][1] == 1 and plain[1][10] == 1 and plain[2][2] == 1
     assert lit(plain) == 3
@@ -312,7 +349,7 @@ def test_wire_bitmaps_decode_once_blit_and_invert(buses):
     # Inverted: the bitmap's 10x2 box lit except its ink.
     assert lit(region(inv, 1, 1, 10, 2)) == 20 - 3 and inv[1][1] == 0
     assert lit(inv) == 17
-    assert b["bad"] == ["ValueError"] * 5
+    assert b["bad"] == ["ValueError"] * 9
 
 
 # ---- every screen, drawn by the firmware under MicroPython -------------------------------

@@ -140,7 +140,7 @@ def _keys(keys):
 def _display(spec):
     if spec.get("driver") != "ssd1322" or spec.get("bus") != "spi":
         raise BoardError("display: only ssd1322 on spi is built here")
-    from display import SSD1322  # firmware/display.py; imported here so a board without
+    from panels import SSD1322  # firmware/panels.py; imported here so a board without
     # a panel never loads the driver
 
     spi = machine.SPI(spec["spi"], baudrate=spec.get("baud", 10000000), polarity=0, phase=0,

@@ -7,9 +7,9 @@
 # modules also compile from source inside a 64 KB heap, for boards loaded with .py files).
 from . import codec
 from .downlink import KIND_CN_ACC, check_catalogue, check_context, check_prompt, is_int
-from .reasons import (BACK, SUBMIT, FALLBACK_CV, FALLBACK_REASONS, HINT_MAX_REASONS,  # noqa: F401
-                      HINT_NEED_REASON, KEY_BACK, KEY_DOWN, KEY_SUBMIT, KEY_TOGGLE, KEY_UP,
-                      Reasons)
+from .reasons import (BACK, SUBMIT, FALLBACK_CODES, FALLBACK_CV,  # noqa: F401
+                      HINT_MAX_REASONS, HINT_NEED_REASON, KEY_BACK, KEY_DOWN, KEY_SUBMIT,
+                      KEY_TOGGLE, KEY_UP, Reasons, fallback)
 
 try:
     from time import ticks_diff as _ticks_diff  # MicroPython: `now` is time.ticks_ms(), which wraps
@@ -26,6 +26,13 @@ THANKS = "THANKS"  # 谢谢您的评价, only after the record is durable
 FULL = "FULL"  # the journal has no room: ratings refused, the QR fallback shown
 
 ANSWERED_MEMORY = 16  # prompt ids remembered as answered (one prompt, one record)
+
+
+def __getattr__(name):
+    # FALLBACK_REASONS (reasons.py) is built on request, not kept on the device's heap.
+    if name == "FALLBACK_REASONS":
+        return tuple(fallback())
+    raise AttributeError(name)
 
 
 class Rating:

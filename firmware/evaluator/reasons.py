@@ -14,17 +14,29 @@ HINT_NEED_REASON = "need_reason"  # 请至少选择一项: submit pressed with n
 HINT_MAX_REASONS = "max_reasons"  # a vote carries at most codec.MAX_REASONS codes
 
 # Used while no catalogue (or none with staff reasons for 承诺件 acceptance) has arrived, so
-# a citizen can always complete a bad rating. The labels are for the build step that renders
-# fixed UI text to bitmaps; the device never renders text itself.
+# a citizen can always complete a bad rating: 服务态度, 服务水平, 服务效率 (about the staff
+# member), then 办事流程, 服务便民度, 服务事项管理 (about the item). Their labels are
+# rendered at build time (firmware/build_ui.py); the device shows only those bitmaps.
+# The entries are built when a bad rating needs them, not kept: the device's heap is small.
 FALLBACK_CV = "pj-builtin-1"
-FALLBACK_REASONS = (
-    {"c": "PJ01", "a": AREA_STAFF, "bm": None, "label": "服务态度"},
-    {"c": "PJ02", "a": AREA_STAFF, "bm": None, "label": "服务水平"},
-    {"c": "PJ03", "a": AREA_STAFF, "bm": None, "label": "服务效率"},
-    {"c": "PJ04", "a": AREA_ITEM, "bm": None, "label": "办事流程"},
-    {"c": "PJ05", "a": AREA_ITEM, "bm": None, "label": "服务便民度"},
-    {"c": "PJ06", "a": AREA_ITEM, "bm": None, "label": "服务事项管理"},
-)
+FALLBACK_CODES = ("PJ01", "PJ02", "PJ03", "PJ04", "PJ05", "PJ06")
+_FALLBACK_STAFF = 3  # the first three are about the staff member
+
+
+def fallback(staff_only=False):
+    """The built-in reasons as catalogue entries {"c", "a", "bm": None}."""
+    out = []
+    for i in range(_FALLBACK_STAFF if staff_only else len(FALLBACK_CODES)):
+        area = AREA_STAFF if i < _FALLBACK_STAFF else AREA_ITEM
+        out.append({"c": FALLBACK_CODES[i], "a": area, "bm": None})
+    return out
+
+
+def __getattr__(name):
+    # FALLBACK_REASONS, as a tuple built on request (tests and tools read it).
+    if name == "FALLBACK_REASONS":
+        return tuple(fallback())
+    raise AttributeError(name)
 
 BACK = "back"  # key() results the rating acts on
 SUBMIT = "submit"
@@ -49,10 +61,8 @@ class Reasons:
             # applies to both and stays.
             entries = [e for e in entries if e.get("a") != AREA_ITEM]
         if not entries:
-            entries = FALLBACK_REASONS
+            entries = fallback(staff_only)
             cv = FALLBACK_CV
-            if staff_only:
-                entries = [e for e in entries if e["a"] == AREA_STAFF]
         self.entries = tuple(entries)
         self.cv = cv
         self.cursor = 0

@@ -177,6 +177,10 @@ def test_view_has_every_documented_key_and_is_stable_between_changes():
     assert r.changes > before
 
 
-def test_fallback_labels_exist_for_the_build_step():
-    for entry in rating.FALLBACK_REASONS:
-        assert entry["label"] and entry["a"] in ("item", "staff") and entry["bm"] is None
+def test_fallback_reasons_are_built_on_request_staff_first():
+    entries = rating.FALLBACK_REASONS
+    assert [e["c"] for e in entries] == list(rating.FALLBACK_CODES)
+    assert [e["a"] for e in entries] == ["staff"] * 3 + ["item"] * 3
+    assert all(e["bm"] is None for e in entries)
+    assert rating.fallback(True) == list(entries[:3])
+    assert rating.FALLBACK_REASONS is not entries  # nothing kept between requests

@@ -8,6 +8,7 @@ import sys
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "firmware")
 
 import display  # noqa: E402
+import panels  # noqa: E402
 
 
 class Pins:
@@ -55,7 +56,7 @@ class RecordingI2C:
 def ssd1322():
     pins = Pins()
     spi = RecordingSPI(pins)
-    d = display.SSD1322(spi, pins.pin("dc"), pins.pin("res"), pins.pin("cs"))
+    d = panels.SSD1322(spi, pins.pin("dc"), pins.pin("res"), pins.pin("cs"))
     out = {"buffer_len": len(d.buffer), "res_after_init": None}
     d.init_display()
     out["res_after_init"] = pins.level["res"]
@@ -89,7 +90,7 @@ def ssd1322():
     out["recover_ok"] = d.ok
     out["frames"] = d.frames
     # Heap: a show() expands row by row into its one row buffer.
-    quiet = display.SSD1322(NullSPI(), pins.pin("dc"), pins.pin("res"), pins.pin("cs"))
+    quiet = panels.SSD1322(NullSPI(), pins.pin("dc"), pins.pin("res"), pins.pin("cs"))
     quiet.fill(1)
     gc.collect()
     gc.disable()
@@ -102,7 +103,7 @@ def ssd1322():
 
 def ssd1306():
     i2c = RecordingI2C()
-    d = display.SSD1306(i2c)
+    d = panels.SSD1306(i2c)
     d.init_display()
     out = {"init": i2c.log}
     i2c.log = []
@@ -117,24 +118,32 @@ def ssd1306():
 def bitmaps():
     # A 10x2 wire bitmap: row 0 = pixel 0 and 9 lit, row 1 = pixel 1 lit.
     # bytes 80 40 | 40 00 -> base64 "gEBAAA=="
-    bm = {"w": 10, "h": 2, "b": "gEBAAA=="}
+    bm = display.bitmap({"w": 10, "h": 2, "b": "gEBAAA=="})
+    form = [list(bm), display.width(bm)]
     fb = display.Display(16, 4)
-    first = display.load_bitmap(bm)
-    same = display.load_bitmap(bm) is first
-    display.blit_bitmap(fb, bm, 1, 1)
+    gc.collect()
+    gc.disable()
+    before = gc.mem_alloc()
+    display.blit(fb, bm, 1, 1)
+    blit_alloc = gc.mem_alloc() - before
+    gc.enable()
     plain = [[fb.pixel(x, y) for x in range(16)] for y in range(4)]
     fb.fill(0)
-    display.blit_bitmap(fb, bm, 1, 1, True)
+    display.blit(fb, bm, 1, 1, True)
     inverted = [[fb.pixel(x, y) for x in range(16)] for y in range(4)]
     bad = []
     for broken in ({"w": 10, "h": 2, "b": "gEBA"}, {"w": 10, "h": 2, "b": "!!!!!!!!"},
-                   {"w": 10, "h": 2}, {"w": 5000, "h": 2, "b": ""}, {"w": 8, "h": 300, "b": ""}):
+                   {"w": 10, "h": 2}, {"w": 5000, "h": 2, "b": ""}, {"w": 8, "h": 300, "b": ""},
+                   {"w": "10", "h": 2, "b": "gEBAAA=="}, [10, 2], "gEBAAA==",
+                   # rows that match the size but exceed the 2048-byte limit:
+                   {"w": 1024, "h": 64, "b": "A" * 10920 + "AAA="}):
         try:
-            display.load_bitmap(broken)
+            display.bitmap(broken)
             bad.append("accepted")
         except ValueError:
             bad.append("ValueError")
-    return {"same": same, "plain": plain, "inverted": inverted, "bad": bad}
+    return {"form": form, "none": display.bitmap(None), "blit_alloc": blit_alloc,
+            "plain": plain, "inverted": inverted, "bad": bad}
 
 
 print(json.dumps({"ssd1322": ssd1322(), "ssd1306": ssd1306(), "bitmaps": bitmaps()}))

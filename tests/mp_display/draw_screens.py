@@ -4,10 +4,11 @@
 # CASES holds one JSON file per case: {"name", "driver": "plain"|"ssd1306", "w", "h",
 # "view": rating view, "nows": [ms, ...]}. For each case OUT/<name>.bin gets one raw
 # framebuffer per `now`, and one JSON line goes to stdout with the frame count, the
-# format, the draw() results and heap figures: "alloc" the bytes each draw() allocated
-# (the first draw of a view includes decoding its bitmaps), "held" what stays allocated
-# after a collection once the case is done, "peak" micropython.mem_peak() (which
-# over-counts under a GC: it never sees what the collector frees).
+# format, the draw() results and heap figures: "alloc" the bytes each draw() allocated,
+# "held" what stays allocated after a collection once the case is done, "peak"
+# micropython.mem_peak() (which over-counts under a GC: it never sees what the collector
+# frees). The view's wire bitmaps are decoded first into the device form, as the app does
+# when their downlink arrives; "decoded" is what that allocated.
 import gc
 import json
 import os
@@ -39,10 +40,23 @@ def _display(driver, w, h):
     key = (driver, w, h)
     if key not in _displays:
         if driver == "ssd1306":
-            _displays[key] = display.SSD1306(_NullI2C(), width=w, height=h)
+            import panels
+
+            _displays[key] = panels.SSD1306(_NullI2C(), width=w, height=h)
         else:
             _displays[key] = display.Display(w, h)
     return _displays[key]
+
+
+def _decode(view):
+    # The app decodes ctx, prompt and catalogue bitmaps as they arrive, and the QR code at
+    # boot; the screens only ever see the device form.
+    for holder, key in ((view.get("ctx"), "name"), (view.get("ctx"), "win"),
+                        (view.get("prompt"), "item"), (view, "qr")):
+        if holder:
+            holder[key] = display.bitmap(holder.get(key))
+    for entry in view.get("reasons") or ():
+        entry["bm"] = display.bitmap(entry.get("bm"))
 
 
 def main():
@@ -53,6 +67,10 @@ def main():
         with open(cases + "/" + fname) as f:
             case = json.load(f)
         fb = _display(case.get("driver", "plain"), case["w"], case["h"])
+        gc.collect()
+        before = gc.mem_alloc()
+        _decode(case["view"])
+        decoded = gc.mem_alloc() - before
         moving = []
         alloc = []
         with open(out + "/" + case["name"] + ".bin", "wb") as f:
@@ -71,7 +89,8 @@ def main():
         case = None
         gc.collect()
         print(json.dumps({"name": fname[:-5], "frames": len(moving), "fmt": fmt,
-                          "moving": moving, "alloc": alloc, "held": gc.mem_alloc(),
+                          "moving": moving, "alloc": alloc, "decoded": decoded,
+                          "held": gc.mem_alloc(),
                           "peak": micropython.mem_peak(), "free": gc.mem_free()}))
 
 
