@@ -9,6 +9,7 @@ contract", is the reference.
 """
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -30,11 +31,11 @@ class ProvinceUnreachable(PingjiaError):
     """No HTTP answer from the province: refused, reset, timed out."""
 
 
-def http_post(url, body, timeout):
-    """POST JSON; (status, parsed JSON answer or None). Raises ProvinceUnreachable when
-    there is no HTTP answer at all."""
+def http_post(url, body, timeout, headers=None):
+    """POST a batch; (status, parsed JSON answer or None). Raises ProvinceUnreachable when
+    there is no HTTP answer at all. `headers` are the profile's (auth, encryption)."""
     request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=dict(headers or {"Content-Type": "application/json"}))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
@@ -65,14 +66,16 @@ class Forwarder:
 
     def __init__(self, db_path, hub_id, endpoint, signing_key, profile_name="national",
                  batch_max=200, batch_interval_ms=300, timeout_s=10.0, retry_max_s=60.0,
-                 clock=time.time, post=http_post, rng=random.random):
+                 clock=time.time, post=http_post, rng=random.random, credentials=None):
         self.db_path = db_path
         self.hub_id = hub_id
-        self.url = endpoint.rstrip("/") + "/batches"
+        # The path under the endpoint, auth headers and encryption come from the profile.
+        self.base_url = endpoint
+        self.credentials = credentials
         self.signing_key = signing_key
         self.profile_name = profile_name
         self.profile = batchlib.load_profile(profile_name)
-        self.batch_max = batch_max
+        self.batch_max = batchlib.batch_limit(self.profile, batch_max)
         self.interval_s = batch_interval_ms / 1000.0
         self.timeout_s = timeout_s
         self.retry_max_s = retry_max_s
@@ -90,7 +93,12 @@ class Forwarder:
 
     @classmethod
     def from_settings(cls, settings, signing_key, **kwargs):
+        from .keys import credentials_path
+
         province = settings.province
+        path = credentials_path(settings.signing_key_path)
+        if "credentials" not in kwargs and os.path.exists(path):
+            kwargs["credentials"] = batchlib.load_credentials(path)
         return cls(settings.db_path, settings.hub.id, province.endpoint, signing_key,
                    profile_name=province.profile, batch_max=province.batch_max,
                    batch_interval_ms=province.batch_interval_ms, timeout_s=province.timeout_s,
@@ -204,7 +212,12 @@ class Forwarder:
         store = self.open().store
         n, batch_id = pending["n"], pending["batch_id"]
         try:
-            status, answer = self.post(self.url, pending["body"].encode("utf-8"), self.timeout_s)
+            url, headers, data = batchlib.build_request(
+                self.profile, self.base_url, pending["body"].encode("utf-8"), self.credentials)
+        except batchlib.CredentialsError as exc:
+            return self._failed(n, str(exc))
+        try:
+            status, answer = self.post(url, data, self.timeout_s, headers)
         except ProvinceUnreachable as exc:
             return self._failed(n, "unreachable: %s" % exc)
         if status == 200 and isinstance(answer, dict) and answer.get("batch_id") == batch_id:

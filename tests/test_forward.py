@@ -167,13 +167,13 @@ def test_batch_is_persisted_before_it_is_sent(hall, province, signing_key):
     hall.votes(5)
     seen = []
 
-    def post(url, body, timeout):
+    def post(url, body, timeout, headers=None):
         # At the moment of sending, the batch and its votes are already on disk.
         conn = sqlite3.connect(hall.store.path)
         seen.append((conn.execute("SELECT body FROM batches WHERE n = 1").fetchone()[0],
                      conn.execute("SELECT count(*) FROM votes WHERE batch_n = 1").fetchone()[0]))
         conn.close()
-        return http_post(url, body, timeout)
+        return http_post(url, body, timeout, headers)
 
     fw = _forwarder(hall, province, signing_key, post=post)
     assert _drive(fw, lambda: hall.forwarded() == 5)
@@ -185,9 +185,9 @@ def test_after_a_crash_the_same_batch_is_resent_byte_for_byte(hall, province, si
     hall.votes(4)
     sent = []
 
-    def post_then_lose_answer(url, body, timeout):
+    def post_then_lose_answer(url, body, timeout, headers=None):
         sent.append(body)
-        http_post(url, body, timeout)     # the province stores it ...
+        http_post(url, body, timeout, headers)  # the province stores it ...
         raise ProvinceUnreachable("connection reset")  # ... and the answer is lost
 
     crashed = _forwarder(hall, province, signing_key, post=post_then_lose_answer)
@@ -196,7 +196,7 @@ def test_after_a_crash_the_same_batch_is_resent_byte_for_byte(hall, province, si
     crashed.stop()                         # the hub dies here
     hall.votes(3)                          # more votes arrive meanwhile
     restarted = _forwarder(hall, province, signing_key,
-                           post=lambda u, b, t: (sent.append(b), http_post(u, b, t))[1])
+                           post=lambda u, b, t, h=None: (sent.append(b), http_post(u, b, t, h))[1])
     restarted.step()                       # the first thing it does: resend batch 1
     assert sent[0] == sent[1]
     assert hall.store.batch(1)["accepted_at"] is not None
@@ -279,7 +279,7 @@ def test_chain_refusal_stops_new_batches_and_shows_in_status(hall, province, sig
 def test_records_the_province_refuses_are_flagged_and_counted(hall, province, signing_key):
     hall.votes(3)
 
-    def post(url, body, timeout):
+    def post(url, body, timeout, headers=None):
         batch = json.loads(body)
         ids = [r["voteId"] for r in batch["records"]]
         return 200, {"batch_id": batch["batch_id"], "accepted": ids[:1], "duplicate": ids[1:2],
