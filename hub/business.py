@@ -476,6 +476,13 @@ class Engine:
                 "case_no": first["case_no"], "display": service["display"],
                 "staff_no": staff_no}
 
+    def check_cases(self, system, service):
+        """One service, one rating: RequestError 409/403 for a case that cannot be prompted
+        now, whatever the device's state (start_visit checks again in its transaction)."""
+        now = self.now()
+        for case in service["cases"]:
+            self._check_case(system, case["case_no"], service["kind"], now)
+
     def _check_case(self, system, case_no, kind, now):
         rows = self.store.conn.execute(
             "SELECT c.*, v.system, v.created_t AS visit_t, v.ttl FROM cases c "

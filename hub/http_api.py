@@ -40,6 +40,7 @@ PHOTO_FETCH_TIMEOUT_S = 5.0
 DEFAULT_CATALOGUE = policy.load(policy.FALLBACK).catalogue()
 
 ApiError = business.RequestError
+BUSINESS = web.AppKey("pingjia.business", business.Engine)
 
 
 def _render(text, max_lines=1):
@@ -260,6 +261,7 @@ class Api:
             raise ApiError(400, "window: required (or device_id)")
         self._window_allowed(system, window)
         service = business.parse_service(body, engine.jurisdiction)
+        engine.check_cases(system, service)
         presence = engine.presence(device_id)
         if presence != "online":
             why = {"never": "has not connected since it was provisioned (no birth)",
@@ -383,7 +385,7 @@ def make_app(store, downlink, hub_id, health=None, province_profile=None, clock=
     api = Api(store, downlink, hub_id, health, engine)
     app = web.Application(middlewares=[_errors], client_max_size=BODY_MAX)
     app.cleanup_ctx.append(engine.lifecycle)
-    app["pingjia.business"] = engine
+    app[BUSINESS] = engine
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/api/v1/status", api.status)
     app.router.add_get("/api/v1/openapi.json", api.openapi)
