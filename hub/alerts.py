@@ -192,8 +192,8 @@ class AlertBook:
         if alert["acked_at"] is None:
             with self.store.transaction():
                 self.store.conn.execute(
-                    "UPDATE alerts SET acked_by = ?, acked_at = ? WHERE id = ? AND acked_at IS NULL",
-                    (manager, iso(self.clock()), alert_id))
+                    "UPDATE alerts SET acked_by = ?, acked_at = ? "
+                    "WHERE id = ? AND acked_at IS NULL", (manager, iso(self.clock()), alert_id))
             alert = self.get(alert_id)
             log.info("alert %d (%s) acknowledged", alert_id, alert["kind"])
         return alert

@@ -233,6 +233,17 @@ def reason_labels():
         return {}
 
 
+# Why the hub turned an input away (store.rejections()), for a manager who is not a technician.
+REJECTION_LABELS = {
+    "unknown_topic": "未知的上报主题", "too_large": "上报过大", "bad_json": "格式错误",
+    "schema": "字段不符合协议", "topic_mismatch": "设备号与主题不符",
+    "unknown_device": "未登记的设备", "retired_device": "已停用的设备",
+    "device_key": "设备密钥损坏", "bad_mac": "签名不符（疑似伪造）",
+    "conflict": "序号冲突（同号不同内容）", "unknown_prompt": "未知的评价请求",
+    "internal_error": "中心内部错误", "province_rejected": "省平台拒收",
+    "province_silent": "省平台未答复", "unmappable": "无法转换为省平台格式",
+}
+
 VOTE_SQL = ("SELECT v.rowid AS rowid, v.device_id, v.seq, v.t, v.kind, v.pid, v.case_no,"
             " v.stars, v.reasons, v.cat_ver, v.window, v.staff_no, v.received_at,"
             " v.forwarded_at, p.staff_name, p.task_name, p.task_code"
@@ -696,6 +707,7 @@ class Dashboard:
         for state in states.values():
             by_state[state["state"]] = by_state.get(state["state"], 0) + 1
         open_alerts = self.book.listing(self.halls.alert_scope(hall), open_only=True, limit=1000)
+        status = self.store.status()
         return web.json_response({
             "hall": hall, "day": day, "at": iso(self.clock()),
             "totals": {"good": good, "bad": bad, "votes": good + bad,
@@ -704,6 +716,7 @@ class Dashboard:
             "devices": by_state,
             "windows": sorted(windows.values(), key=lambda w: w["window"]),
             "unassigned": unassigned,
+            "province": _province_summary(status),
         })
 
     @_handler
@@ -826,6 +839,38 @@ class Dashboard:
                            "rate": _rate(row[0] or 0, row[1] or 0)}
         return web.json_response(report)
 
+    @_handler
+    async def system(self, request):
+        """The hub itself: its parts, the province link, backlogs, what it turned away and
+        votes lost on devices. Counts are the whole hub's; the lists name only devices of
+        the manager's hall (or no device at all)."""
+        session = self._session(request)
+        hall = session["hall"]
+        status = self.store.status()
+        windows = {d["device_id"]: d["window"] or "" for d in self.store.active_devices()}
+
+        def visible(device_id):
+            if self.halls.sees_all(hall):
+                return True
+            return device_id in windows and self.halls.sees(hall, windows[device_id])
+
+        recent = [dict(r, label=REJECTION_LABELS.get(r["reason"], r["reason"]))
+                  for r in self.store.recent_rejections(200)
+                  if not r["device_id"] or visible(r["device_id"])][:50]
+        gaps = [{"at": e["at"], "device_id": e["device_id"], "detail": e["detail"]}
+                for e in self.store.events(kind="gap", limit=200) if visible(e["device_id"])]
+        return web.json_response({
+            "hub": self.settings.hub.id, "at": iso(self.clock()),
+            "parts": dict(self.hub_health()),
+            "province": _province_summary(status),
+            "backlog": status["backlog"], "votes": status["votes"],
+            "rejections": [{"reason": r, "label": REJECTION_LABELS.get(r, r), "count": n}
+                           for r, n in sorted(status["rejections"].items(),
+                                              key=lambda kv: -kv[1])],
+            "recent_rejections": recent,
+            "gaps": gaps[:50], "lost_votes": status["counters"].get("gap_seqs", 0),
+        })
+
     async def stream(self, request):
         try:
             session = self._session(request)
@@ -865,6 +910,15 @@ class Dashboard:
         return web.Response(body=text.encode("utf-8"), headers={
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
             "Cache-Control": "no-store"})
+
+
+def _province_summary(status):
+    province = status["province"]
+    return {"unforwarded": status["backlog"]["unforwarded"],
+            "last_success": province["last_success"],
+            "pending_attempts": province["pending_attempts"],
+            "error": province["last_error"] if province["pending_attempts"] else None,
+            "chain_error": bool(province["chain_error"])}
 
 
 def _put(sub, message, dashboard=None):
@@ -924,6 +978,7 @@ def setup_dashboard(app, settings, clock=None, health=None):
     router.add_get("/dashboard/api/charts", dash.charts)
     router.add_get("/dashboard/api/devices", dash.devices)
     router.add_get("/dashboard/api/devices/{id}", dash.device)
+    router.add_get("/dashboard/api/system", dash.system)
     router.add_get("/dashboard/api/stream", dash.stream)
     router.add_get("/metrics", dash.metrics)
     app[DASHBOARD] = dash

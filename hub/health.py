@@ -336,19 +336,34 @@ class Monitor:
         full = now >= self._next_full
         if full:
             self._next_full = now + FULL_CHECK_S
+        work = []
+        for row in devices:
+            key = (row["online"], row["last_seen"], row["birth"], row["hb"])
+            moved = self._seen.get(row["device_id"]) != key
+            if moved or full or row["device_id"] not in self._states:
+                work.append((row, key, moved))
+        if not work:
+            return []  # nothing new: no write transaction at all
         changes = []
-        with store.transaction():
-            for row in devices:
-                device_id = row["device_id"]
-                key = (row["online"], row["last_seen"], row["birth"], row["hb"])
-                moved = self._seen.get(device_id) != key
-                if moved:
-                    self._observe(device_id, row, now)
-                    self._seen[device_id] = key
-                if moved or full or device_id not in self._states:
-                    change = self._judge(device_id, row, now)
+        try:
+            with store.transaction():
+                for row, key, moved in work:
+                    if moved:
+                        self._observe(row["device_id"], row, now)
+                    change = self._judge(row["device_id"], row, now)
                     if change is not None:
                         changes.append(change)
+        except BaseException:
+            # Rolled back: forget what was cached meanwhile, and read it again from the
+            # store next time, so memory never runs ahead of what is committed.
+            self._states = None
+            self._samples.clear()
+            self._boots.clear()
+            self._latest.clear()
+            raise
+        # Marked seen only once committed: a failed tick is observed again next time.
+        for row, key, moved in work:
+            self._seen[row["device_id"]] = key
         return changes
 
     # -- samples and boots ------------------------------------------------------------------

@@ -99,7 +99,8 @@ async def settle(seconds=1.6):
     await asyncio.sleep(seconds)
 
 
-API_GETS = ("me", "overview", "votes", "alerts", "charts", "devices", "devices/DA", "stream")
+API_GETS = ("me", "overview", "votes", "alerts", "charts", "devices", "devices/DA", "system",
+            "stream")
 
 
 def test_nothing_but_the_login_page_without_a_login(hall):
@@ -224,6 +225,40 @@ def test_managers_see_only_their_hall(hall):
         resp = await c["bo"].post("/dashboard/api/alerts/%d/ack" % b_alert, json={})
         acked = await resp.json()
         assert resp.status == 200 and acked["acked_by"] == "bo" and not acked["open"]
+
+    run(hall, scenario)
+
+
+def test_what_the_hub_turned_away_and_lost_is_visible(hall):
+    settings, clock, store, ingestor = hall
+    forged = codec.make_vote(bytes(32), "DA", 1, int(NOON), "v", "P1", "", 5, [], "nat", "A01",
+                             "")
+    ingestor.handle_group([
+        Uplink("pj/DA/up/vote", codec.encode_vote(forged), 0, 1, 0),
+        Uplink("pj/DB/up/vote", b"{broken", 0, 1, 0),
+        Uplink("pj/DX/up/hb", json.dumps({"v": 1, "d": "DX"}).encode(), 0, 1, 0),
+        Uplink("pj/DB/up/birth", json.dumps({"v": 1, "d": "DB", "lo": 6, "next": 6}).encode(),
+               0, 1, 0),
+    ])
+
+    async def scenario(c):
+        for name in ("anna", "chief"):
+            await login(c[name], name)
+        whole = await (await c["chief"].get("/dashboard/api/system")).json()
+        assert [(r["reason"], r["label"], r["count"]) for r in whole["rejections"]] == [
+            ("bad_json", "格式错误", 1), ("bad_mac", "签名不符（疑似伪造）", 1),
+            ("unknown_device", "未登记的设备", 1)]
+        assert {r["device_id"] for r in whole["recent_rejections"]} == {"DA", "DB", "DX"}
+        assert whole["lost_votes"] == 5
+        assert [(g["device_id"], g["detail"]["missing"]) for g in whole["gaps"]] == [("DB", 5)]
+        assert whole["province"]["unforwarded"] == 0
+        # Hall A's manager gets the same counts but lists naming only A's devices.
+        own = await (await c["anna"].get("/dashboard/api/system")).json()
+        assert own["rejections"] == whole["rejections"]
+        assert {r["device_id"] for r in own["recent_rejections"]} == {"DA"}
+        assert own["gaps"] == []
+        over = await (await c["anna"].get("/dashboard/api/overview")).json()
+        assert over["province"]["unforwarded"] == 0 and over["province"]["chain_error"] is False
 
     run(hall, scenario)
 

@@ -8,7 +8,6 @@
 # docs/dashboard/ (the pictures in docs/dashboard.md), otherwise to a temporary folder.
 import asyncio
 import os
-import shutil
 import socket
 import sqlite3
 import struct
@@ -46,11 +45,18 @@ def live_hub(tmp_path):
     from hub.provision import add_device, device_config
     from hub.settings import write_default
 
+    from simulator.province import ProvinceStore, ThreadedReceiver
+
+    province_port = free_port()
     settings = write_default(str(tmp_path / "hub" / "hub.toml"), hub={"id": "futian-hall"},
                              broker={"port": free_port()}, http={"port": free_port()},
-                             province={"endpoint": "http://127.0.0.1:%d/api/v1" % free_port()})
-    ensure_signing_key(settings.signing_key_path)
+                             province={"endpoint": "http://127.0.0.1:%d/api/v1" % province_port,
+                                       "batch_interval_ms": 100})
+    key = ensure_signing_key(settings.signing_key_path)
     write_broker_files(settings)
+    # The reference provincial receiver, so the page shows a working link to the province.
+    province_store = ProvinceStore(str(tmp_path / "province.db"))
+    province = ThreadedReceiver(province_store, [key.public_key()], port=province_port).start()
     configs = {}
     for device_id, (window, _, _) in WINDOWS.items():
         configs[device_id] = device_config(add_device(settings, device_id, window=window))
@@ -58,11 +64,13 @@ def live_hub(tmp_path):
     add_manager(store, "zhang", "hall-manager-1", settings.hub.id, "张主任")
     store.close()
     hub = Hub(settings)
-    hub.start()
     try:
+        hub.start()
         yield settings, configs
     finally:
         hub.stop()
+        province.stop()
+        province_store.close()
 
 
 def shots_dir(tmp_path):
@@ -225,6 +233,16 @@ def test_a_manager_watches_the_hall_live_in_chromium(live_hub, tmp_path):
 
         assert await page.evaluate("window.__sameDocument") == "never reloaded"
 
+        await page.click('.links a[href="#/devices"]')
+        await page.wait_for_selector('#devices-table tr[data-device="D003"][data-state="offline"]')
+        await page.wait_for_selector('#system:has-text("待上报省平台")')
+        # Every vote made so far reached the province (the reference receiver).
+        await page.wait_for_selector('#system tr:has-text("已存评价") td:has-text("4 / 4")',
+                                     timeout=20000)
+        await page.screenshot(path=os.path.join(shots, "devices.png"), full_page=True)
+        await page.go_back()
+        await page.wait_for_selector('[data-window="W003"][data-state="offline"]')
+
         await page.click('[data-window="W003"] a[href="#/device/D003"]')
         await page.wait_for_selector('#device-panel [data-state="offline"]')
         events = await page.locator("#device-panel .events li").all_text_contents()
@@ -250,6 +268,6 @@ def test_a_manager_watches_the_hall_live_in_chromium(live_hub, tmp_path):
         await phone.close()
 
     asyncio.run(main())
-    for name in ("hall.png", "offline.png", "device.png", "phone.png"):
+    for name in ("hall.png", "offline.png", "devices.png", "device.png", "phone.png"):
         w, h = png_size(os.path.join(shots, name))
         assert w >= 390 and h >= 600, (name, w, h)

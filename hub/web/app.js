@@ -150,7 +150,7 @@
       await loadDevice(decodeURIComponent(hash.slice(9)));
     } else if (hash === "#/devices") {
       $("devices-view").hidden = false;
-      await loadDevices();
+      await Promise.all([loadDevices(), loadSystem()]);
     } else {
       $("hall-view").hidden = false;
       await Promise.all([loadOverview(), loadAlerts(), loadFeed(), loadCharts()]);
@@ -221,7 +221,7 @@
 
   function onDevice(change) {
     if (!$("hall-view").hidden) debounce("overview", 200, loadOverview);
-    if (!$("devices-view").hidden) debounce("devices", 200, loadDevices);
+    if (!$("devices-view").hidden) debounce("devices", 200, () => Promise.all([loadDevices(), loadSystem()]));
     if (state.route === "#/device/" + encodeURIComponent(change.device_id)) {
       debounce("device", 200, () => loadDevice(change.device_id));
     }
@@ -252,6 +252,8 @@
            ((d.online || 0) + (d.degraded || 0) + (d.offline || 0) + (d.never || 0)), "设备在线",
            d.offline ? "bad" : (d.degraded ? "warn" : "good")),
       tile(t.unrated, "未评价"),
+      tile(data.province.unforwarded, "待上报省平台",
+           data.province.chain_error || data.province.error ? "bad" : ""),
     );
   }
 
@@ -449,6 +451,41 @@
       h("tbody", null, rows.length ? rows : h("tr", null, h("td", { colspan: 7, class: "empty" }, "没有设备。"))));
   }
 
+  async function loadSystem() {
+    const d = await api("GET", "system");
+    const p = d.province;
+    const ok = (v) => v ? "正常" : "故障";
+    const rows = [
+      ["消息服务器", d.parts.broker === undefined ? "—" : ok(d.parts.broker)],
+      ["中心与消息服务器的连接", d.parts.mqtt === undefined ? "—" : ok(d.parts.mqtt)],
+      ["省平台最近接收", whenIso(p.last_success)],
+      ["待上报省平台", p.unforwarded + " 条" + (p.error ? "（重试 " + p.pending_attempts + " 次：" + p.error + "）" : "")],
+      ["已存评价 / 已上报", d.votes.stored + " / " + d.votes.forwarded],
+      ["设备上丢失的评价", d.lost_votes + " 条"],
+    ];
+    const parts = [h("div", { class: "table-wrap" }, h("table", { class: "fields" },
+      h("tbody", null, rows.map(([k, v]) => h("tr", null, h("th", null, k), h("td", null, v))))))];
+    if (p.chain_error) parts.push(h("p", { class: "error" }, "省平台不接受本中心的批次链：新的批次暂停生成，请联系技术人员。"));
+    parts.push(h("h3", null, "拒收的上报（按原因，累计）"));
+    parts.push(d.rejections.length
+      ? h("table", { class: "fields", "data-rejections": "1" }, h("tbody", null, d.rejections.map((r) =>
+        h("tr", { "data-reason": r.reason }, h("th", null, r.label), h("td", null, r.count)))))
+      : h("div", { class: "empty" }, "没有拒收。"));
+    if (d.recent_rejections.length) {
+      parts.push(h("h3", null, "最近拒收"));
+      parts.push(h("ol", { class: "events" }, d.recent_rejections.slice(0, 20).map((r) => h("li", null,
+        h("span", { class: "t" }, whenIso(r.at)), (r.device_id ? "评价器 " + r.device_id + " · " : "") + r.label +
+        (r.size ? "（" + r.size + " 字节）" : "")))));
+    }
+    if (d.gaps.length) {
+      parts.push(h("h3", null, "序号缺口（设备上丢失的评价）"));
+      parts.push(h("ol", { class: "events" }, d.gaps.map((g) => h("li", null,
+        h("span", { class: "t" }, whenIso(g.at)), "评价器 " + g.device_id + "：序号 " + g.detail.from + "–" +
+        g.detail.to + "，丢失 " + g.detail.missing + " 条"))));
+    }
+    $("system").replaceChildren(...parts);
+  }
+
   function sparkline(samples, key, label, unit) {
     const pts = samples.filter((s) => typeof s[key] === "number");
     const fig = h("figure", null);
@@ -526,6 +563,15 @@
     $("logout").addEventListener("click", onLogout);
     $("chart-day").addEventListener("change", (ev) => { state.chartDay = ev.target.value; loadCharts(); });
     window.addEventListener("hashchange", () => route().catch(() => {}));
+    // Heartbeats and the province link change without an event of their own: the device
+    // views look again now and then while they are open.
+    setInterval(() => {
+      if (!state.me || document.hidden) return;
+      if (!$("devices-view").hidden) loadSystem().catch(() => {});
+      if (!$("device-view").hidden && state.route.startsWith("#/device/")) {
+        loadDevice(decodeURIComponent(state.route.slice(9))).catch(() => {});
+      }
+    }, 10000);
     start().catch(() => showLogin());
   });
 }());
