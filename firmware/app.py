@@ -14,13 +14,15 @@
 # on an MQTT PUBACK. The journal is the outgoing queue: the uplink task walks it in
 # sequence order with QoS 1, and when acks stop advancing for resend_ms it starts again at
 # the oldest unacked record (docs/protocol.md, "Ack").
+#
+# Memory (docs/firmware.md, "Memory"): the whole device runs in a 64 KB heap, so this file
+# keeps few names and methods (each costs heap on the device), sleeps with sleep_ms (a float
+# is a heap object) and allocates nothing in the 20 ms key scan.
 import gc
 import json
+import time
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover - very old ports only
-    import uasyncio as asyncio  # type: ignore
+import asyncio
 
 try:
     from micropython import const
@@ -40,70 +42,55 @@ _VOTE_ROOM = const(512)  # journal bytes one vote record needs, with margin (pay
 _EVT_SLOTS = const(4)  # prompt outcomes waiting to go up; overflow drops the oldest, counted
 _UPLINK_IDLE_MS = const(200)
 _CLOCK_SLACK_S = const(2)  # hub time within this of ours is not worth a correction
-_MAX_DOWNLINK = const(8192)
+# The largest downlink packet (topic and payload) the device takes: its MQTT receive buffer,
+# allocated once. The hub's catalogue is the largest downlink (docs/mqtt.md, "Sizes").
+MAX_DOWNLINK = const(5120)
 _ANIM_MS = const(250)
-_ANIMATED = ("PROMPT", "REASONS")
-
-
-class _Clock:
-    """Default clock: MicroPython's ticks and the RTC; App adds the hub's correction."""
-
-    def __init__(self):
-        import time
-        self._time = time
-
-    def ticks_ms(self):
-        return self._time.ticks_ms()
-
-    def ticks_diff(self, a, b):
-        return self._time.ticks_diff(a, b)
-
-    def time(self):
-        return self._time.time()
 
 
 def _attr(config, name, default=None):
-    # Config may be the evaluator.config object or a plain dict (tests, the agent).
+    # Config may be the evaluator.config object or a plain dict (the simulator, tests).
     if isinstance(config, dict):
         return config.get(name, default)
     return getattr(config, name, default)
 
 
 class App:
-    """One counter evaluator. Construct, then `await app.run()` (runs forever)."""
+    """One counter evaluator. Construct, then `await app.run()` (runs forever).
+
+    `clock` has ticks_ms(), ticks_diff(a, b) and time(); MicroPython's time module is the
+    default."""
 
     def __init__(self, board, config, rating, journal, client_factory=None, clock=None,
                  draw=None, keys=None, ssl=None, hb_s=30, resend_ms=10000, keepalive=30,
-                 max_packet=_MAX_DOWNLINK):
+                 max_packet=MAX_DOWNLINK):
         self.board = board
         self.rating = rating
         self.journal = journal
-        self.clock = clock or _Clock()
-        self.device_id = codec.check_id(_attr(config, "device_id"), "device_id")
+        self.clock = clock = clock or time
+        self.device_id = device_id = codec.check_id(_attr(config, "device_id"), "device_id")
         key = _attr(config, "key")
         self._key = codec.from_hex(key) if isinstance(key, str) else bytes(key)
         self.hb_ms = int(hb_s * 1000)
         self.resend_ms = resend_ms
-        self._dn = "pj/" + self.device_id + "/dn/"
-        self._up = "pj/" + self.device_id + "/up/"
+        self._dn = "pj/" + device_id + "/dn/"
+        self._up = up = "pj/" + device_id + "/up/"
         self._notify = getattr(board, "event", None)
         self._feed = getattr(board, "feed", None)  # the watchdog, where the board has one
         # The client first: its receive buffer is the largest block the app allocates,
         # and asking for it before the screens and their bitmaps load avoids fragmentation.
-        will = (self._up + "will",
-                ('{"v":1,"d":"%s","online":false}' % self.device_id).encode(), 1, False)
         if client_factory is None:
             from mqtt import MQTTClient
             client_factory = MQTTClient
         self.client = client_factory(
-            client_id=self.device_id, server=_attr(config, "hub_host"),
-            port=_attr(config, "hub_port", 1883), user=_attr(config, "mqtt_user") or self.device_id,
+            client_id=device_id, server=_attr(config, "hub_host"),
+            port=_attr(config, "hub_port", 1883), user=_attr(config, "mqtt_user") or device_id,
             password=_attr(config, "mqtt_password"), keepalive=keepalive, clean_session=False,
-            will=will, ssl=ssl, max_packet=max_packet,
-            on_message=self._on_message, on_connect=self._on_connect)
-        if keys is None:
-            keys = Keys(board.keys_pins, active=_attr(board, "key_active", 0))
-        self.keys = keys
+            will=(up + "will", ('{"v":1,"d":"%s","online":false}' % device_id).encode(), 1,
+                  False),
+            ssl=ssl, max_packet=max_packet, on_message=self._on_message,
+            on_connect=self._on_connect)
+        self.keys = keys or Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self._bitmap = None
         if board.display is not None:
             # Imported late: a board without a panel never loads them. Hub bitmaps are
@@ -111,54 +98,39 @@ class App:
             from display import bitmap
             self._bitmap = bitmap
             if draw is None:
-                import screens
-                draw = screens.draw
+                from screens import draw
         self._draw = draw
-        self.fw = VERSION
-        self.bad_downlinks = 0
-        qr = (_attr(config, "extra") or {}).get("qr") or _attr(config, "qr")
-        if qr is not None:
-            # The QR fallback bitmap FULL shows, from provisioning (one that does not decode
-            # leaves FULL with its text only, counted).
-            rating.qr = self._decode(qr)
-        self.board_name = _attr(board, "name", "unknown")
-        self._boot_ms = self.clock.ticks_ms()
-        self._clk_offset = 0  # hub time minus RTC time, seconds
-        self.clk_correction = 0
-        # Uplink state: highest seq published in this pass, and when acks last advanced.
-        self._sent = 0
-        self._progress_ms = self._boot_ms
-        self._kicked = False  # set when there may be something new to send
-        self._evts = []  # (pid, outcome) pairs; bounded by _EVT_SLOTS
-        self._full = False
-        self._drawn_changes = -1
-        self._drawn_ms = self._boot_ms
-        self._drawn_state = None
-        self.disp_failed = 0  # frames the panel refused (bus error)
         # Counters: nothing is dropped silently (DESIGN.md guarantee 5).
         self.saved = 0
         self.refused_full = 0
         self.flash_errors = 0
         self.bad_records = 0
+        self.bad_downlinks = 0
         self.evt_dropped = 0
         self.resends = 0
         self.published = 0
         self.uplink_errors = 0
         self.draw_errors = 0
+        qr = (_attr(config, "extra") or {}).get("qr") or _attr(config, "qr")
+        if qr is not None:
+            # The QR fallback bitmap FULL shows, from provisioning (one that does not decode
+            # leaves FULL with its text only, counted).
+            rating.qr = self._decode(qr)
+        self._boot_ms = now = clock.ticks_ms()
+        self._clk_offset = 0  # hub time minus RTC time, seconds
+        self.clk_correction = 0
+        # Uplink state: highest seq published in this pass, and when acks last advanced.
+        self._sent = 0
+        self._progress_ms = now
+        self._kicked = False  # set when there may be something new to send
+        self._evts = []  # (pid, outcome) pairs; bounded by _EVT_SLOTS
+        self._full = False
+        self._drawn_changes = -1
+        self._drawn_ms = now
+        self._drawn_state = None
 
-    # ---- time -------------------------------------------------------------------------
     def unix_time(self):
         return int(self.clock.time()) + self._clk_offset
-
-    def _set_hub_time(self, hub_t):
-        ours = self.unix_time()
-        diff = hub_t - ours
-        if diff > _CLOCK_SLACK_S or diff < -_CLOCK_SLACK_S:
-            self._clk_offset += diff
-            self.clk_correction = diff
-
-    def uptime_s(self):
-        return self.clock.ticks_diff(self.clock.ticks_ms(), self._boot_ms) // 1000
 
     # ---- THE RULE ---------------------------------------------------------------------
     def save(self, record, now):
@@ -169,25 +141,29 @@ class App:
         journal = self.journal
         seq = journal.next_seq
         t = self.unix_time()
+        why = None
         try:
-            vote = codec.make_vote(self._key, self.device_id, seq, t, record["k"], record["pid"],
-                                   record["case"], record["stars"], record["rs"], record["cv"],
-                                   record["w"], record["sn"])
-            payload = codec.encode_vote(vote)
-            vote = None
+            payload = codec.encode_vote(codec.make_vote(
+                self._key, self.device_id, seq, t, record["k"], record["pid"], record["case"],
+                record["stars"], record["rs"], record["cv"], record["w"], record["sn"]))
             journal.append(seq, t, payload)
         except JournalFull:
             self.refused_full += 1
-            return self._not_saved(now, "full")
+            why = "full"
         except ValueError:  # CodecError: a record the protocol cannot carry (a bug, counted)
             self.bad_records += 1
-            return self._not_saved(now, "bad")
+            why = "bad"
         except OSError:  # flash write or sync failed: not durable, so no thanks
             self.flash_errors += 1
-            return self._not_saved(now, "flash")
+            why = "flash"
         except JournalError:  # a damaged journal refuses appends until it is reopened
             self.flash_errors += 1
-            return self._not_saved(now, "journal")
+            why = "journal"
+        if why is not None:
+            self.rating.saved(False, now)
+            self._full = True
+            self._event({"e": "refused", "why": why})
+            return 0
         # Durable now (append returned); the thanks screen may follow.
         self.rating.saved(True, now)
         self.saved += 1
@@ -198,22 +174,13 @@ class App:
         self._kicked = True
         return seq
 
-    def _not_saved(self, now, why):
-        self.rating.saved(False, now)
-        self._full = True
-        self._event({"e": "refused", "why": why})
-        return 0
-
     def _check_room(self):
         # The journal decides whether another vote fits; the rating refuses prompts (and
         # shows the QR code) while it does not, and takes them again once acks free room.
         room = self.journal.can_append(_VOTE_ROOM)
-        if room and self._full:
-            self._full = False
-            self.rating.set_full(False)
-        elif not room and not self._full:
-            self._full = True
-            self.rating.set_full(True)
+        if room == self._full:
+            self._full = not room
+            self.rating.set_full(not room)
 
     # ---- downlink -----------------------------------------------------------------------
     def _on_message(self, topic, payload, retained):
@@ -221,12 +188,19 @@ class App:
             self.bad_downlinks += 1
             return
         kind = topic[len(self._dn):]
+        rating = self.rating
         try:
             if kind == "ack":
-                self._on_ack(codec.decode_ack(payload))
+                seq = codec.decode_ack(payload)
+                if self.journal.ack(seq):
+                    self._progress_ms = self.clock.ticks_ms()
+                    self._check_room()
+                if seq > self._sent:
+                    # The hub already holds these (e.g. after our reboot): no need to send them.
+                    self._sent = seq
+                self._kicked = True
                 return
-            if len(payload) > _MAX_DOWNLINK:
-                raise ValueError("too large")
+            # The client's buffer is as large as a downlink gets, so no size check here.
             msg = json.loads(payload)
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
@@ -234,24 +208,27 @@ class App:
             # place into the form the screens draw (the base64 text is garbage from then).
             decode = self._decode
             if kind == "ctx":
-                if self.rating.set_context(msg):
+                if rating.set_context(msg):
                     msg["name"] = decode(msg.get("name"))
                     msg["win"] = decode(msg.get("win"))
             elif kind == "prompt":
-                outcome = self.rating.offer(msg, self.clock.ticks_ms())
-                if self.rating.prompt is msg:
+                outcome = rating.offer(msg, self.clock.ticks_ms())
+                if rating.prompt is msg:
                     msg["item"] = decode(msg.get("item"))
                 pid = msg.get("pid")
                 self._queue_evt(pid if isinstance(pid, str) else "", outcome)
             elif kind == "cat":
-                if self.rating.set_catalogue(msg):
+                if rating.set_catalogue(msg):
                     for entry in msg["rs"]:
                         entry["bm"] = decode(entry.get("bm"))
             elif kind == "time":
                 t = msg.get("t")
                 if not isinstance(t, int) or isinstance(t, bool):
                     raise ValueError("time: t")
-                self._set_hub_time(t)
+                diff = t - self.unix_time()
+                if diff > _CLOCK_SLACK_S or diff < -_CLOCK_SLACK_S:
+                    self._clk_offset += diff
+                    self.clk_correction = diff
             else:
                 raise ValueError("unknown downlink")
         except (ValueError, KeyError, TypeError):
@@ -271,15 +248,6 @@ class App:
             self.bad_downlinks += 1
             return None
 
-    def _on_ack(self, seq):
-        if self.journal.ack(seq):
-            self._progress_ms = self.clock.ticks_ms()
-            self._check_room()
-        if seq > self._sent:
-            # The hub already holds these (e.g. after our reboot): no need to send them.
-            self._sent = seq
-        self._kicked = True
-
     def _queue_evt(self, pid, outcome):
         if len(self._evts) >= _EVT_SLOTS:
             self._evts.pop(0)
@@ -295,19 +263,23 @@ class App:
         self._sent = 0
         self._progress_ms = self.clock.ticks_ms()
         await client.publish(self._up + "birth", self.heartbeat(True), 1)
-        self._event({"e": "conn", "up": True, "rc": self.client.reconnects})
+        self._event({"e": "conn", "up": True, "rc": client.reconnects})
         self._kicked = True
 
     # ---- uplink -------------------------------------------------------------------------
     def heartbeat(self, birth=False):
         j = self.journal
+        board = self.board
+        clock = self.clock
         oldest_t = j.oldest_t
-        hb = {"v": codec.PROTO, "d": self.device_id, "fw": self.fw, "board": self.board_name,
-              "up": self.uptime_s(), "rst": self.board.reset_cause(), "heap": gc.mem_free(),
-              "jd": j.depth, "old": (self.unix_time() - oldest_t) if oldest_t is not None else 0,
-              "rc": self.client.reconnects, "rssi": self.board.rssi(), "stuck": self.keys.stuck,
-              "disp": 0 if getattr(self.board.display, "ok", False) else 1, "mis": self.rating.misuse,
-              "clk": self.clk_correction}
+        hb = {"v": codec.PROTO, "d": self.device_id, "fw": VERSION,
+              "board": _attr(board, "name", "unknown"),
+              "up": clock.ticks_diff(clock.ticks_ms(), self._boot_ms) // 1000,
+              "rst": board.reset_cause(), "heap": gc.mem_free(), "jd": j.depth,
+              "old": (self.unix_time() - oldest_t) if oldest_t is not None else 0,
+              "rc": self.client.reconnects, "rssi": board.rssi(), "stuck": self.keys.stuck,
+              "disp": 0 if getattr(board.display, "ok", False) else 1,
+              "mis": self.rating.misuse, "clk": self.clk_correction}
         if birth:
             nxt = j.next_seq
             lo = j.oldest_seq
@@ -315,19 +287,10 @@ class App:
             hb["next"] = nxt
         return json.dumps(hb).encode()
 
-    def _next_unsent(self):
-        # One record at a time, generator closed before any await: appends and acks
-        # (which delete segments) happen between publishes, never under an open reader.
-        gen = self.journal.unacked(self._sent)
-        try:
-            for rec in gen:
-                return rec
-            return None
-        finally:
-            gen.close()
-
     async def _uplink(self):
         client = self.client
+        journal = self.journal
+        clock = self.clock
         while True:
             if not client.isconnected():
                 await client.connected()
@@ -339,33 +302,41 @@ class App:
                     if self._evts and self._evts[0][0] == pid:
                         self._evts.pop(0)
                     continue
-                rec = self._next_unsent()
+                # One record at a time, the reader closed before any await: appends and
+                # acks (which delete segments) happen between publishes, never under it.
+                rec = None
+                gen = journal.unacked(self._sent)
+                for rec in gen:
+                    break
+                gen.close()
+                gen = None
                 if rec is not None:
-                    seq, _t, payload = rec
+                    seq = rec[0]
+                    payload = rec[2]
                     rec = None
                     await client.publish(self._up + "vote", payload, 1)
                     payload = None
                     self.published += 1
-                    if seq == self.journal.oldest_seq:
+                    if seq == journal.oldest_seq:
                         # The oldest unacked record just went (again): its ack is due from now.
-                        self._progress_ms = self.clock.ticks_ms()
+                        self._progress_ms = clock.ticks_ms()
                     if seq > self._sent:
                         self._sent = seq
                     continue
             except OSError:
                 # The link dropped mid-publish; the client reconnects by itself and the
                 # record stays in the journal, so nothing is lost, only delayed.
-                await asyncio.sleep(0.1)
+                await asyncio.sleep_ms(100)
                 continue
             except Exception:  # noqa: BLE001 - this task must outlive any single fault
                 # An unreadable journal record or a client bug: counted, retried after a
                 # pause. Ending this task would silently stop every later vote.
                 self.uplink_errors += 1
-                await asyncio.sleep(1)
+                await asyncio.sleep_ms(1000)
                 continue
-            now = self.clock.ticks_ms()
-            if (self.journal.depth and self._sent >= (self.journal.oldest_seq or 0)
-                    and self.clock.ticks_diff(now, self._progress_ms) >= self.resend_ms):
+            now = clock.ticks_ms()
+            if (journal.depth and self._sent >= (journal.oldest_seq or 0)
+                    and clock.ticks_diff(now, self._progress_ms) >= self.resend_ms):
                 # Sent but never acked (lost between broker and hub, or the hub crashed
                 # before its commit): start again at the oldest unacked record.
                 self._sent = 0
@@ -378,11 +349,11 @@ class App:
             for _ in range(_UPLINK_IDLE_MS // 50):
                 if self._kicked:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep_ms(50)
 
     async def _heartbeats(self):
         while True:
-            await asyncio.sleep(self.hb_ms / 1000)
+            await asyncio.sleep_ms(self.hb_ms)
             if self.client.isconnected():
                 try:
                     await self.client.publish(self._up + "hb", self.heartbeat(), 0)
@@ -397,7 +368,8 @@ class App:
         rating = self.rating
         state = rating.state
         if rating.changes == self._drawn_changes and not (
-                state in _ANIMATED and self.clock.ticks_diff(now, self._drawn_ms) >= _ANIM_MS):
+                (state == "PROMPT" or state == "REASONS")
+                and self.clock.ticks_diff(now, self._drawn_ms) >= _ANIM_MS):
             return
         self._drawn_changes = rating.changes
         self._drawn_ms = now
@@ -407,8 +379,7 @@ class App:
                 self._draw(display, rating.view(), now)
             except Exception:  # noqa: BLE001 - a screen bug must not stop the votes
                 self.draw_errors += 1
-            if display.show() is False:
-                self.disp_failed += 1
+            display.show()  # a bus error is counted by the display (heartbeat "disp")
         if state != self._drawn_state:
             self._drawn_state = state
             prompt = rating.prompt
@@ -435,13 +406,6 @@ class App:
         if n % _DRAW_EVERY == 0:
             self._refresh(now)
 
-    async def _ui(self):
-        n = 0
-        while True:
-            self.step(n)
-            n += 1
-            await asyncio.sleep(_UI_MS / 1000)
-
     def _event(self, obj):
         # The simulated board reports these to the simulator; a real board has no listener.
         if self._notify is not None:
@@ -450,10 +414,14 @@ class App:
     async def run(self):
         self._check_room()
         self._refresh(self.clock.ticks_ms())
-        tasks = [asyncio.create_task(self.client.run()), asyncio.create_task(self._uplink()),
-                 asyncio.create_task(self._heartbeats())]
+        tasks = (asyncio.create_task(self.client.run()), asyncio.create_task(self._uplink()),
+                 asyncio.create_task(self._heartbeats()))
         try:
-            await self._ui()
+            n = 0
+            while True:
+                self.step(n)
+                n += 1
+                await asyncio.sleep_ms(_UI_MS)
         finally:
             for task in tasks:
                 task.cancel()

@@ -8,6 +8,10 @@
 # QoS 2. A QoS 1 publish whose link drops before PUBACK raises OSError; the caller retries
 # later from its own durable copy, so the hub may see duplicates, which it absorbs because
 # a vote's identity is (device, seq).
+#
+# Written for a 64 KB heap: every module-level name, method and attribute costs the device
+# heap, so small helpers are inlined, packet types are compile-time constants, and the only
+# buffer is the receive buffer allocated once in the constructor.
 import asyncio
 import errno
 
@@ -34,29 +38,28 @@ except ImportError:  # a MicroPython build without random: no jitter beats no cl
     def getrandbits(bits):  # type: ignore[misc]
         return (ticks_ms() * 2654435761 >> 7) & ((1 << bits) - 1)  # type: ignore[operator]
 
+try:
+    _sleep_ms = asyncio.sleep_ms  # MicroPython: no float (a heap object) per sleep
+except AttributeError:  # CPython
+    def _sleep_ms(ms):
+        return asyncio.sleep(ms / 1000)
+
 
 # Fixed-header first bytes. SUBSCRIBE's low nibble 0010 is required by the spec (3.8.1).
-CONNECT = const(0x10)
-CONNACK = const(0x20)
-PUBLISH = const(0x30)
-PUBACK = const(0x40)
-SUBSCRIBE = const(0x82)
-SUBACK = const(0x90)
-PINGREQ = const(0xC0)
-PINGRESP = const(0xD0)
-DISCONNECT = const(0xE0)
-
-PINGREQ_PACKET = b"\xc0\x00"
-PINGRESP_PACKET = b"\xd0\x00"
-DISCONNECT_PACKET = b"\xe0\x00"
-
-MAX_REMAINING = const(268435455)  # four 7-bit groups: the largest remaining length there is
-SUB_REFUSED = const(0x80)         # SUBACK return code for a refused subscription
-
+_CONNECT = const(0x10)
+_CONNACK = const(0x20)
+_PUBLISH = const(0x30)
+_PUBACK = const(0x40)
+_SUBSCRIBE = const(0x82)
+_SUBACK = const(0x90)
+_PINGRESP = const(0xD0)
+_MAX_REMAINING = const(268435455)  # four 7-bit groups: the largest remaining length there is
 _DUP = const(0x08)
 _RETAIN = const(0x01)
 _BACKOFF_FIRST_MS = const(500)
 _MIN_PACKET = const(64)
+# SUBACK's return code for a refused subscription: what subscribe() then returns.
+SUB_REFUSED = const(0x80)
 
 
 class MQTTError(ValueError):
@@ -73,31 +76,28 @@ class MalformedPacket(MQTTError):
 
 def encode_length(value):
     """The remaining-length varint: 7 bits a byte, low group first, top bit = more."""
-    if value < 0 or value > MAX_REMAINING:
+    if value < 0 or value > _MAX_REMAINING:
         raise MQTTError("remaining length out of range")
     out = bytearray()
     while True:
         digit = value & 0x7F
         value >>= 7
-        if value:
-            out.append(digit | 0x80)
-        else:
+        if not value:
             out.append(digit)
             return bytes(out)
+        out.append(digit | 0x80)
 
 
 def decode_length(buf, offset=0):
     """Return (remaining length, offset just after it)."""
     value = 0
-    shift = 0
     for i in range(4):
         if offset + i >= len(buf):
             raise MalformedPacket("truncated remaining length")
         digit = buf[offset + i]
-        value |= (digit & 0x7F) << shift
+        value |= (digit & 0x7F) << (7 * i)
         if not digit & 0x80:
             return value, offset + i + 1
-        shift += 7
     raise MalformedPacket("remaining length longer than 4 bytes")
 
 
@@ -111,21 +111,26 @@ def _raw(value):
     raise MQTTError("expected str or bytes")  # bytes(5) would quietly send 5 zero bytes
 
 
-def _string(value, what):
+def _string(value):
+    # A length-prefixed field; 65535 bytes at most.
     raw = _raw(value)
     if len(raw) > 65535:
-        raise MQTTError(what + " longer than 65535 bytes")
+        raise MQTTError("field longer than 65535 bytes")
     return bytes((len(raw) >> 8, len(raw) & 0xFF)) + raw
+
+
+def _pid16(pid):
+    # A packet id (1..65535) as its two bytes.
+    if not isinstance(pid, int) or pid < 1 or pid > 65535:
+        raise MQTTError("packet id must be 1..65535")
+    return bytes((pid >> 8, pid & 0xFF))
 
 
 def check_topic(topic):
     """A topic to publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
-    if not isinstance(topic, str) or not topic:
-        raise MQTTError("topic must be a non-empty str")
-    if "+" in topic or "#" in topic or "\x00" in topic:
-        raise MQTTError("topic has a wildcard or NUL")
-    if len(topic.encode()) > 65535:
-        raise MQTTError("topic longer than 65535 bytes")
+    if (not isinstance(topic, str) or not topic or "+" in topic or "#" in topic
+            or "\x00" in topic):
+        raise MQTTError("topic empty or with a wildcard or NUL")
     return topic
 
 
@@ -135,27 +140,10 @@ def check_filter(topic):
         raise MQTTError("topic filter must be a non-empty str")
     levels = topic.split("/")
     for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise MQTTError("'#' must be the whole last level")
-        if "+" in level and level != "+":
-            raise MQTTError("'+' must be a whole level")
-    if len(topic.encode()) > 65535:
-        raise MQTTError("topic filter longer than 65535 bytes")
+        if (("#" in level and (level != "#" or i != len(levels) - 1))
+                or ("+" in level and level != "+")):
+            raise MQTTError("'#' or '+' not a whole level ('#' only last)")
     return topic
-
-
-def _check_qos(qos):
-    if qos != 0 and qos != 1:
-        raise MQTTError("qos must be 0 or 1")
-
-
-def _check_pid(pid):
-    if not isinstance(pid, int) or pid < 1 or pid > 65535:
-        raise MQTTError("packet id must be 1..65535")
-
-
-def _u16(value):
-    return bytes((value >> 8, value & 0xFF))
 
 
 def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=None,
@@ -169,21 +157,22 @@ def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=
     if password is not None and user is None:
         raise MQTTError("a password needs a user name in MQTT 3.1.1")
     flags = 0x02 if clean_session else 0
-    payload = _string(client_id, "client id")
+    payload = _string(client_id)
     if will is not None:
         w_topic, w_payload, w_qos, w_retain = will
         check_topic(w_topic)
-        _check_qos(w_qos)
+        if w_qos != 0 and w_qos != 1:
+            raise MQTTError("qos must be 0 or 1")
         flags |= 0x04 | (w_qos << 3) | (0x20 if w_retain else 0)
-        payload += _string(w_topic, "will topic") + _string(w_payload, "will payload")
+        payload += _string(w_topic) + _string(w_payload)
     if user is not None:
         flags |= 0x80
-        payload += _string(user, "user")
+        payload += _string(user)
     if password is not None:
         flags |= 0x40
-        payload += _string(password, "password")
+        payload += _string(password)
     body = b"\x00\x04MQTT\x04" + bytes((flags, keepalive >> 8, keepalive & 0xFF)) + payload
-    return bytes((CONNECT,)) + encode_length(len(body)) + body
+    return bytes((_CONNECT,)) + encode_length(len(body)) + body
 
 
 def decode_connack(body):
@@ -196,15 +185,14 @@ def decode_connack(body):
 def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
     """Everything of a PUBLISH before the payload, so a payload is sent without a copy."""
     check_topic(topic)
-    _check_qos(qos)
-    if qos:
-        _check_pid(pid)
+    var = _string(topic)
+    if qos == 1:
+        var += _pid16(pid)
+    elif qos != 0:
+        raise MQTTError("qos must be 0 or 1")
     elif pid or dup:
         raise MQTTError("a qos 0 publish has no packet id and no DUP")
-    var = _string(topic, "topic")
-    if qos:
-        var += _u16(pid)
-    first = PUBLISH | (qos << 1) | (_DUP if dup else 0) | (_RETAIN if retain else 0)
+    first = _PUBLISH | (qos << 1) | (_DUP if dup else 0) | (_RETAIN if retain else 0)
     return bytes((first,)) + encode_length(len(var) + payload_len) + var
 
 
@@ -216,7 +204,7 @@ def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
 def decode_publish(first, body):
     """PUBLISH -> (topic, payload, qos, retain, dup, pid); pid is 0 for qos 0."""
     qos = (first >> 1) & 3
-    if first & 0xF0 != PUBLISH or qos == 3:
+    if first & 0xF0 != _PUBLISH or qos == 3:
         raise MalformedPacket("bad PUBLISH flags")
     size = len(body)
     start = 2 + ((body[0] << 8) | body[1] if size >= 2 else size)
@@ -238,27 +226,23 @@ def decode_publish(first, body):
 
 
 def puback_packet(pid):
-    _check_pid(pid)
-    return bytes((PUBACK, 2)) + _u16(pid)
+    return bytes((_PUBACK, 2)) + _pid16(pid)
 
 
 def decode_pid(body):
     """PUBACK (or any body that is just a packet id) -> pid."""
-    if len(body) != 2:
+    if len(body) != 2 or not (body[0] or body[1]):
         raise MalformedPacket("bad packet id body")
-    pid = (body[0] << 8) | body[1]
-    if not pid:
-        raise MalformedPacket("packet id 0")
-    return pid
+    return (body[0] << 8) | body[1]
 
 
 def subscribe_packet(pid, topic, qos=1):
     """SUBSCRIBE to one topic filter."""
-    _check_pid(pid)
     check_filter(topic)
-    _check_qos(qos)
-    body = _u16(pid) + _string(topic, "topic filter") + bytes((qos,))
-    return bytes((SUBSCRIBE,)) + encode_length(len(body)) + body
+    if qos != 0 and qos != 1:
+        raise MQTTError("qos must be 0 or 1")
+    body = _pid16(pid) + _string(topic) + bytes((qos,))
+    return bytes((_SUBSCRIBE,)) + encode_length(len(body)) + body
 
 
 def decode_suback(body):
@@ -271,20 +255,12 @@ def decode_suback(body):
     return decode_pid(body[:2]), list(body[2:])
 
 
-# ---------------------------------------------------------------------------------------
-# The client.
-
-def _ms_to_s(ms):
-    return ms / 1000
-
-
-async def _sleep_ms(ms):
-    await asyncio.sleep(ms / 1000)
-
-
 def _why(exc):
     return exc if isinstance(exc, str) else repr(exc)
 
+
+# ---------------------------------------------------------------------------------------
+# The client.
 
 class MQTTClient:
     """Keeps one MQTT link alive; publish/subscribe ride on it while it is up.
@@ -302,7 +278,6 @@ class MQTTClient:
         # Built once: it is the same bytes on every connect, and bad arguments fail here.
         self._connect_pkt = connect_packet(client_id, keepalive, clean_session, will, user,
                                            password)
-        self.client_id = client_id
         self.server = server
         self.port = port
         self._ssl = ssl
@@ -321,22 +296,16 @@ class MQTTClient:
         self._up = asyncio.Event()     # set while connected
         self._down = asyncio.Event()   # set when the current link failed
         self._ack_ev = asyncio.Event()
-        self._stop_ev = asyncio.Event()
+        self._stop_ev = asyncio.Event()  # set by disconnect(): run() returns
         self._reader = None
         self._writer = None
-        self._readinto = False
-        self._rx_task = None
-        self._ka_task = None
+        self._tasks = None             # (receive, keepalive) tasks of the current link
         self._gen = 0                  # link generation: a fault on an old link is ignored
         self._link_ok = False          # socket open and not failed
         self._connected = False        # CONNACK accepted and link not failed
-        self._stopping = False
-        self._ever_connected = False
         self._pid = 0
-        self._wait_kind = 0
-        self._wait_pid = 0
-        self._acked = False
-        self._ack_code = 0
+        self._wait = 0                 # (packet type << 16) | pid of the ack awaited
+        self._ack_code = -1            # its return code once it arrived, else -1
         self._last_rx = self._last_tx = self._last_ping = ticks_ms()
         self.session_present = False
         self.last_fault = None
@@ -356,69 +325,77 @@ class MQTTClient:
 
     async def run(self):
         """Connect, and after any link fault reconnect, until disconnect() is called."""
-        self._stopping = False
         self._stop_ev.clear()
+        stop = self._stop_ev
+        attempt = 0
+        ever = False
         try:
-            await self._keep_connected()
+            while not stop.is_set():
+                try:
+                    await self._open_and_connect()
+                except Exception as exc:  # noqa: BLE001
+                    # The arguments were checked in __init__, so whatever fails here is
+                    # the link: refused, timed out, a bad CONNACK, or a TLS error
+                    # (MicroPython's TLS raises ValueError, not OSError). Counted; retried.
+                    self.connect_failures += 1
+                    self.last_fault = _why(exc)
+                    self._end_link()
+                else:
+                    up_at = ticks_ms()
+                    gen = self._gen
+                    if ever:
+                        self.reconnects += 1
+                    ever = True
+                    try:
+                        if self._on_connect is not None:
+                            try:
+                                await self._on_connect(self)
+                            except OSError as exc:  # the link broke while re-subscribing
+                                self._fail(exc, gen)
+                        await self._down.wait()
+                    finally:
+                        self._end_link()
+                    # A link that stayed up a while was a real recovery; one that died at
+                    # once (a flapping broker, a client-id fight) keeps growing the backoff.
+                    if ticks_diff(ticks_ms(), up_at) >= max(self._ka_ms, 1000):
+                        attempt = 0
+                if stop.is_set():
+                    break
+                delay = _BACKOFF_FIRST_MS << min(attempt, 10)
+                if delay > self._backoff_max:
+                    delay = self._backoff_max
+                # Jitter into [delay/2, delay]: a hall of devices that lost the broker
+                # together must not all come back in the same millisecond.
+                half = delay // 2
+                delay = half + ((delay - half) * getrandbits(8) >> 8)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay / 1000)
+                except asyncio.TimeoutError:
+                    pass
+                attempt += 1
         finally:  # also when the caller cancels run(): never leave a socket behind
             self._end_link()
-
-    async def _keep_connected(self):
-        attempt = 0
-        while not self._stopping:
-            try:
-                await self._open_and_connect()
-            except Exception as exc:  # noqa: BLE001
-                # The arguments were checked in __init__, so whatever fails here is the
-                # link: refused, timed out, a bad CONNACK, or a TLS error (MicroPython's
-                # TLS raises ValueError, not OSError). Count it and try again later.
-                self.connect_failures += 1
-                self.last_fault = _why(exc)
-                self._end_link()
-                if self._stopping:
-                    break
-                await self._backoff(attempt)
-                attempt += 1
-                continue
-            up_at = ticks_ms()
-            gen = self._gen
-            if self._ever_connected:
-                self.reconnects += 1
-            self._ever_connected = True
-            try:
-                if self._on_connect is not None:
-                    try:
-                        await self._on_connect(self)
-                    except OSError as exc:  # the link broke while re-subscribing
-                        self._fail(exc, gen)
-                await self._down.wait()
-            finally:
-                self._end_link()
-            # A link that stayed up a while was a real recovery; one that died at once
-            # (a flapping broker, a client-id fight) keeps growing the backoff.
-            if ticks_diff(ticks_ms(), up_at) >= max(self._ka_ms, 1000):
-                attempt = 0
-            if self._stopping:
-                break
-            await self._backoff(attempt)
-            attempt += 1
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """Send one message. qos 1 returns once PUBACKed; OSError if the link drops first."""
         check_topic(topic)
-        _check_qos(qos)
         payload = _raw(payload)
         if not qos:
-            self._need_connected()
+            if not self._connected:
+                raise OSError(errno.ENOTCONN, "not connected")
             await self._send(publish_header(topic, len(payload), 0, retain), payload,
                              self._gen)
             return
+        if qos != 1:
+            raise MQTTError("qos must be 0 or 1")
         async with self._lock:
-            self._need_connected()
+            if not self._connected:
+                raise OSError(errno.ENOTCONN, "not connected")
             gen = self._gen
-            pid = self._next_pid()
+            self._pid = pid = self._pid % 65535 + 1
             head = publish_header(topic, len(payload), 1, retain, False, pid)
-            self._arm(PUBACK, pid)
+            self._wait = (_PUBACK << 16) | pid
+            self._ack_code = -1
             try:
                 await self._send(head, payload, gen)
                 while not await self._wait_ack(gen):
@@ -429,18 +406,21 @@ class MQTTClient:
                     head[0] |= _DUP
                     await self._send(head, payload, gen)
             finally:
-                self._wait_kind = 0
+                self._wait = 0
 
     async def subscribe(self, topic, qos=1):
         """Subscribe to one filter; returns the granted qos, or SUB_REFUSED (0x80)."""
         check_filter(topic)
-        _check_qos(qos)
+        if qos != 0 and qos != 1:
+            raise MQTTError("qos must be 0 or 1")
         async with self._lock:
-            self._need_connected()
+            if not self._connected:
+                raise OSError(errno.ENOTCONN, "not connected")
             gen = self._gen
-            pid = self._next_pid()
+            self._pid = pid = self._pid % 65535 + 1
             packet = subscribe_packet(pid, topic, qos)
-            self._arm(SUBACK, pid)
+            self._wait = (_SUBACK << 16) | pid
+            self._ack_code = -1
             try:
                 await self._send(packet, None, gen)
                 if not await self._wait_ack(gen):
@@ -450,30 +430,21 @@ class MQTTClient:
                     raise exc
                 return self._ack_code
             finally:
-                self._wait_kind = 0
+                self._wait = 0
 
     async def disconnect(self):
         """Say goodbye (so the broker drops the will), close, and make run() return."""
-        self._stopping = True
         self._stop_ev.set()
         gen = self._gen
         if self._link_ok:
             try:
-                await self._send(DISCONNECT_PACKET, None, gen)
+                await self._send(b"\xe0\x00", None, gen)  # DISCONNECT
             except OSError:
                 pass
         self._fail("disconnected", gen)
         self._end_link()
 
     # -- link ------------------------------------------------------------------------------
-
-    def _need_connected(self):
-        if not self._connected:
-            raise OSError(errno.ENOTCONN, "not connected")
-
-    def _next_pid(self):
-        self._pid = self._pid % 65535 + 1
-        return self._pid
 
     async def _open_and_connect(self):
         self._gen += 1
@@ -484,30 +455,24 @@ class MQTTClient:
             link = opener(self.server, self.port)
         else:
             link = opener(self.server, self.port, ssl=self._ssl)
-        reader, writer = await asyncio.wait_for(link, _ms_to_s(self._ack_ms))
+        reader, writer = await asyncio.wait_for(link, self._ack_ms / 1000)
         self._reader = reader
         self._writer = writer
-        # MicroPython streams read straight into our buffer; CPython's only hand out bytes.
-        self._readinto = hasattr(reader, "readinto")
         self._link_ok = True
         self._last_rx = self._last_tx = self._last_ping = ticks_ms()
         await self._send(self._connect_pkt, None, gen)
-        await asyncio.wait_for(self._read_connack(), _ms_to_s(self._ack_ms))
-        self._connected = True
-        self._up.set()
-        self._rx_task = asyncio.create_task(self._rx_loop(gen))
-        if self._ka_ms:
-            self._ka_task = asyncio.create_task(self._keepalive_loop(gen))
-
-    async def _read_connack(self):
-        first, length = await self._read_fixed_header()
-        if first != CONNACK or length != 2:
+        head = await asyncio.wait_for(self._read_fixed_header(), self._ack_ms / 1000)  # type: tuple
+        if head != (_CONNACK, 2):
             raise MalformedPacket("expected CONNACK")
         body = self._mv[:2]
-        await self._fill(body)
+        await asyncio.wait_for(self._fill(body), self._ack_ms / 1000)
         self.session_present, code = decode_connack(body)
         if code:
             raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % code)
+        self._connected = True
+        self._up.set()
+        self._tasks = (asyncio.create_task(self._rx_loop(gen)),
+                       asyncio.create_task(self._keepalive_loop(gen)) if self._ka_ms else None)
 
     def _fail(self, why, gen):
         # Every link fault from every task ends here, once per link.
@@ -521,10 +486,11 @@ class MQTTClient:
         self._ack_ev.set()  # wake a publish/subscribe waiting for its ack: it will raise
 
     def _end_link(self):
-        for task in (self._rx_task, self._ka_task):
+        tasks = self._tasks
+        self._tasks = None
+        for task in tasks or ():
             if task is not None:
                 task.cancel()
-        self._rx_task = self._ka_task = None
         self._link_ok = False
         self._connected = False
         self._up.clear()
@@ -536,19 +502,6 @@ class MQTTClient:
                 writer.close()
             except Exception:  # closing a broken socket may complain; it is closed anyway
                 pass
-
-    async def _backoff(self, attempt):
-        delay = _BACKOFF_FIRST_MS << min(attempt, 10)
-        if delay > self._backoff_max:
-            delay = self._backoff_max
-        # Jitter into [delay/2, delay]: a hall of devices that lost the broker together
-        # must not all come back in the same millisecond.
-        half = delay // 2
-        delay = half + ((delay - half) * getrandbits(8) >> 8)
-        try:
-            await asyncio.wait_for(self._stop_ev.wait(), _ms_to_s(delay))
-        except asyncio.TimeoutError:
-            pass
 
     async def _send(self, head, tail, gen):
         async with self._wlock:
@@ -568,21 +521,15 @@ class MQTTClient:
                 raise OSError(errno.ECONNRESET, _why(exc))
             self._last_tx = ticks_ms()
 
-    def _arm(self, kind, pid):
-        self._wait_kind = kind
-        self._wait_pid = pid
-        self._acked = False
-        self._ack_code = 0
-
     async def _wait_ack(self, gen):
-        """True once the armed ack arrived; False on timeout; OSError if the link failed."""
+        """True once the awaited ack arrived; False on timeout; OSError if the link failed."""
         self._ack_ev.clear()
-        if not self._acked and self._link_ok and gen == self._gen:
+        if self._ack_code < 0 and self._link_ok and gen == self._gen:
             try:
-                await asyncio.wait_for(self._ack_ev.wait(), _ms_to_s(self._ack_ms))
+                await asyncio.wait_for(self._ack_ev.wait(), self._ack_ms / 1000)
             except asyncio.TimeoutError:
                 pass
-        if self._acked:
+        if self._ack_code >= 0:
             return True
         if gen != self._gen or not self._connected:
             raise OSError(errno.ECONNRESET, "link lost before ack")
@@ -598,11 +545,12 @@ class MQTTClient:
         while got < want:
             if reader is None:
                 raise OSError(errno.ENOTCONN, "not connected")
-            if self._readinto:
+            if hasattr(reader, "readinto"):
+                # MicroPython streams read straight into our buffer.
                 n = await reader.readinto(mv[got:] if got else mv)
                 if n is None:  # spurious wake-up of a non-blocking socket
                     continue
-            else:
+            else:  # CPython's only hand out bytes
                 chunk = await reader.read(want - got)
                 n = len(chunk)
                 mv[got:got + n] = chunk
@@ -616,85 +564,77 @@ class MQTTClient:
         await self._fill(mv1)
         first = mv1[0]
         length = 0
-        shift = 0
-        for _ in range(4):
+        for i in range(4):
             await self._fill(mv1)
             digit = mv1[0]
-            length |= (digit & 0x7F) << shift
+            length |= (digit & 0x7F) << (7 * i)
             if not digit & 0x80:
                 return first, length
-            shift += 7
         # Without a length the stream cannot be re-framed: only a new link recovers.
         self.dropped_incoming += 1
         raise OSError(errno.EIO, "remaining length longer than 4 bytes")
 
     async def _rx_loop(self, gen):
+        buf = self._buf
+        size = len(buf)
         try:
             while True:
                 first, length = await self._read_fixed_header()
-                if length > len(self._buf):
-                    await self._drop_oversized(first, length, gen)
+                kind = first & 0xF0
+                if length > size:
+                    # Read it through the one buffer in chunks and forget it. A qos1
+                    # PUBLISH is still PUBACKed, or the broker would redeliver it after
+                    # every reconnect for ever.
+                    self.dropped_incoming += 1
+                    pid = 0
+                    left = length
+                    while left:
+                        chunk = min(left, size)
+                        await self._fill(self._mv[:chunk])
+                        if left == length and first & 0xF6 == (_PUBLISH | 0x02):
+                            topic_len = (buf[0] << 8) | buf[1]
+                            if topic_len + 4 <= chunk:
+                                pid = (buf[topic_len + 2] << 8) | buf[topic_len + 3]
+                        left -= chunk
+                    if pid:
+                        await self._send(puback_packet(pid), None, gen)
                     continue
                 body = self._mv[:length]
                 await self._fill(body)
-                await self._dispatch(first, body, gen)
+                try:
+                    if kind == _PUBLISH:
+                        topic, payload, qos, retain, _, pid = decode_publish(first, body)
+                        if qos == 2:  # we never ask for qos 2, and cannot honour its handshake
+                            raise MalformedPacket("qos 2 not supported")
+                        if self._on_message is not None:
+                            try:
+                                self._on_message(topic, payload, retain)
+                            except Exception:  # the app's fault, not the link's: count, go on
+                                self.callback_errors += 1
+                        topic = payload = None
+                        if qos:
+                            # Deliver first, then PUBACK: a crash in between means
+                            # redelivery, never loss. Duplicates are fine, the device
+                            # logic is idempotent.
+                            await self._send(puback_packet(pid), None, gen)
+                    elif first == _PUBACK or first == _SUBACK:
+                        if first == _PUBACK:
+                            pid = decode_pid(body)
+                            code = 0
+                        else:
+                            pid, codes = decode_suback(body)
+                            code = codes[0]
+                        if self._wait == (first << 16) | pid:
+                            self._ack_code = code
+                            self._ack_ev.set()
+                        # else: a late ack for an earlier try of the same message; harmless
+                    elif first != _PINGRESP or length:
+                        # (a PINGRESP needs nothing: its arrival refreshed _last_rx)
+                        raise MalformedPacket("unexpected packet")
+                except MalformedPacket:
+                    self.dropped_incoming += 1
         except Exception as exc:  # any fault, even our own bug, ends only this link
             self._fail(exc, gen)
-
-    async def _drop_oversized(self, first, length, gen):
-        # Read it through the one buffer in chunks and forget it. A qos1 PUBLISH is still
-        # PUBACKed, or the broker would redeliver it after every reconnect for ever.
-        self.dropped_incoming += 1
-        size = len(self._buf)
-        head = min(length, size)
-        await self._fill(self._mv[:head])
-        buf = self._buf
-        pid = 0
-        if first & 0xF6 == (PUBLISH | 0x02):
-            topic_len = (buf[0] << 8) | buf[1]
-            if topic_len + 4 <= head:
-                pid = (buf[topic_len + 2] << 8) | buf[topic_len + 3]
-        left = length - head
-        while left:
-            chunk = min(left, size)
-            await self._fill(self._mv[:chunk])
-            left -= chunk
-        if pid:
-            await self._send(puback_packet(pid), None, gen)
-
-    async def _dispatch(self, first, body, gen):
-        kind = first & 0xF0
-        try:
-            if kind == PUBLISH:
-                topic, payload, qos, retain, _, pid = decode_publish(first, body)
-                if qos == 2:  # we never ask for qos 2, and cannot honour its handshake
-                    raise MalformedPacket("qos 2 not supported")
-                if self._on_message is not None:
-                    try:
-                        self._on_message(topic, payload, retain)
-                    except Exception:  # the app's fault, not the link's: count, go on
-                        self.callback_errors += 1
-                if qos:
-                    # Deliver first, then PUBACK: a crash in between means redelivery,
-                    # never loss. Duplicates are fine, the device logic is idempotent.
-                    await self._send(puback_packet(pid), None, gen)
-            elif first == PUBACK or first == SUBACK:
-                if first == PUBACK:
-                    pid, code = decode_pid(body), 0
-                else:
-                    pid, codes = decode_suback(body)
-                    code = codes[0]
-                if first == self._wait_kind and pid == self._wait_pid:
-                    self._ack_code = code
-                    self._acked = True
-                    self._ack_ev.set()
-                # else: a late ack for an earlier try of the same message; harmless
-            elif first == PINGRESP and not len(body):
-                pass  # its arrival already refreshed _last_rx
-            else:
-                raise MalformedPacket("unexpected packet 0x%02x" % first)
-        except MalformedPacket:
-            self.dropped_incoming += 1
 
     async def _keepalive_loop(self, gen):
         ka = self._ka_ms
@@ -712,6 +652,6 @@ class MQTTClient:
                 if (ticks_diff(now, self._last_tx) >= half
                         or (silent >= half and ticks_diff(now, self._last_ping) >= half)):
                     self._last_ping = now
-                    await self._send(PINGREQ_PACKET, None, gen)
+                    await self._send(b"\xc0\x00", None, gen)  # PINGREQ
         except Exception as exc:
             self._fail(exc, gen)

@@ -12,37 +12,43 @@ import json
 
 import asyncio
 
-from simboard import SimBoard
-from evaluator import config as device_config
-from evaluator.journal import Journal
-from evaluator.rating import Rating
-from app import App
 
+def _boot(args):
+    # Everything only boot needs stays local to this function, and the config loader is
+    # dropped once it has checked config.json: the heap keeps only what the app runs on.
+    from evaluator import config as device_config
+    from simboard import SimBoard
 
-def _board_spec(name):
-    with open(name) as f:
-        return json.load(f)
-
-
-async def _run(board, app):
-    board.start()
-    await app.run()
+    cfg = device_config.load("config.json")
+    with open(cfg.board or "board.json") as f:
+        spec = json.load(f)
+    board = SimBoard(spec, cfg.device_id, int(args[0]) if args else 0, ".",
+                     args[1] if len(args) > 1 else "power")
+    fields = {"device_id": cfg.device_id, "key": cfg.key, "hub_host": cfg.hub_host,
+              "hub_port": cfg.hub_port, "mqtt_user": cfg.mqtt_user,
+              "mqtt_password": cfg.mqtt_password, "qr": cfg.extra.get("qr")}
+    return board, fields, cfg.seq_floor
 
 
 def main():
-    args = sys.argv[1:]
-    ctl_port = int(args[0]) if args else 0
-    rst = args[1] if len(args) > 1 else "power"
-    cfg = device_config.load("config.json")
-    spec = _board_spec(cfg.board or "board.json")
-    board = SimBoard(spec, cfg.device_id, ctl_port, ".", rst)
-    spec = None
-    gc.collect()  # parsing garbage gone before the long-lived buffers are allocated
+    board, fields, seq_floor = _boot(sys.argv[1:])
+    sys.modules.pop("evaluator.config", None)
+    import evaluator
+    if hasattr(evaluator, "config"):
+        del evaluator.config
+    gc.collect()  # boot garbage gone before the long-lived buffers are allocated
+    from evaluator.journal import Journal
+    from evaluator.rating import Rating
+    from app import App
+
     journal = Journal(board.journal_dir, board.journal_segments, board.segment_bytes,
-                      sync=board.fs_sync, seq_floor=cfg.seq_floor)
-    app = App(board, cfg, Rating(), journal)
+                      sync=board.fs_sync, seq_floor=seq_floor)
+    app = App(board, fields, Rating(), journal)
+    fields = None
     board.app = app
-    asyncio.run(_run(board, app))
+    gc.collect()
+    board.start()
+    asyncio.run(app.run())
 
 
 main()

@@ -22,11 +22,11 @@ def split_packet(buf):
 
 
 def connack_packet(session_present, code):
-    return bytes((mqtt.CONNACK, 2, 1 if session_present else 0, code))
+    return bytes((0x20, 2, 1 if session_present else 0, code))
 
 
 def suback_packet(pid, codes):
-    return bytes((mqtt.SUBACK, 2 + len(codes), pid >> 8, pid & 0xFF)) + bytes(codes)
+    return bytes((0x90, 2 + len(codes), pid >> 8, pid & 0xFF)) + bytes(codes)
 
 
 class FakeLink:
@@ -88,7 +88,7 @@ class FakeLink:
     async def next_packet_not_ping(self):
         while True:
             first, body = await self.next_packet()
-            if first != mqtt.PINGREQ:
+            if first != 0xC0:
                 return first, body
 
 
@@ -131,7 +131,7 @@ async def _accept(net, index=0):
     """Take the client's CONNECT on link `index` and answer it with an accepting CONNACK."""
     link = await net.link(index)
     first, _ = await link.next_packet()
-    assert first == mqtt.CONNECT
+    assert first == 0x10
     link.feed(connack_packet(False, 0))
     return link
 
@@ -260,7 +260,7 @@ def test_incoming_qos1_publish_is_delivered_then_pubacked_duplicates_too():
                                       dup=True))
         link.feed(mqtt.publish_packet("pj/D1/dn/ctx", b"{}", retain=True))
         first, body = await link.next_packet()
-        assert first == mqtt.PUBACK and body == b"\x00\x07"
+        assert first == 0x40 and body == b"\x00\x07"
         while len(got) < 3:
             await asyncio.sleep(0.01)
         assert got[1][:3] == ("pj/D1/dn/prompt", b'{"pid":"P1"}', False)
@@ -283,7 +283,7 @@ def test_oversized_incoming_packet_is_discarded_counted_and_pubacked():
         link.feed(mqtt.publish_packet("pj/D1/dn/cat", bytes(range(256)) * 3, qos=1, pid=9))
         link.feed(mqtt.publish_packet("pj/D1/dn/time", b'{"t":1}'))
         first, body = await link.next_packet()
-        assert first == mqtt.PUBACK and mqtt.decode_pid(body) == 9
+        assert first == 0x40 and mqtt.decode_pid(body) == 9
         while not got:
             await asyncio.sleep(0.01)
         assert got == [b'{"t":1}']
@@ -330,8 +330,8 @@ def test_keepalive_pings_and_a_silent_broker_means_reconnect_and_on_connect_agai
         task = asyncio.create_task(client.run())
         link = await _accept(net)
         first, body = await link.next_packet()
-        assert first == mqtt.PINGREQ and body == b""
-        link.feed(mqtt.PINGRESP_PACKET)
+        assert first == 0xC0 and body == b""
+        link.feed(b"\xd0\x00")
         # from now on the broker says nothing: the client must give up on this link
         await _accept(net, 1)
         await client.connected()
@@ -394,7 +394,7 @@ def test_disconnect_sends_disconnect_closes_and_run_returns():
         await client.connected()
         await client.disconnect()
         first, body = await link.next_packet_not_ping()
-        assert first == mqtt.DISCONNECT and body == b""
+        assert first == 0xE0 and body == b""
         await asyncio.wait_for(task, _GUARD_S)
         assert link.closed and not client.isconnected()
         try:
