@@ -53,6 +53,7 @@ LOGIN_LOCK_S = 60.0         # ... for this long
 PASSWORD_MIN = 8
 VOTE_BATCH = 500            # votes the watcher takes per tick
 FEED_MAX = 200
+PROVINCE_CACHE_S = 5.0
 SCRYPT = (2 ** 14, 8, 1)    # n, r, p: ~50 ms per check
 CONTENT_TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css",
                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
@@ -436,6 +437,7 @@ class Dashboard:
         self.watch_errors = 0
         self.hook_stats = {"sent": 0, "failed": 0, "retrying": 0}
         self._fails = {}
+        self._province_cache = None
         self._executor = None
         self._tasks = []
 
@@ -707,7 +709,6 @@ class Dashboard:
         for state in states.values():
             by_state[state["state"]] = by_state.get(state["state"], 0) + 1
         open_alerts = self.book.listing(self.halls.alert_scope(hall), open_only=True, limit=1000)
-        status = self.store.status()
         return web.json_response({
             "hall": hall, "day": day, "at": iso(self.clock()),
             "totals": {"good": good, "bad": bad, "votes": good + bad,
@@ -716,8 +717,16 @@ class Dashboard:
             "devices": by_state,
             "windows": sorted(windows.values(), key=lambda w: w["window"]),
             "unassigned": unassigned,
-            "province": _province_summary(status),
+            "province": self._province(),
         })
+
+    def _province(self):
+        """The province link for the overview. status() counts whole tables, and every
+        browser asks for the overview after every vote: a few seconds old is fresh enough."""
+        now = time.monotonic()
+        if self._province_cache is None or now - self._province_cache[0] > PROVINCE_CACHE_S:
+            self._province_cache = (now, _province_summary(self.store.status()))
+        return self._province_cache[1]
 
     @_handler
     async def votes(self, request):

@@ -48,6 +48,7 @@ REASON_LABELS = {
 
 SAMPLE_FIELDS = ("up", "heap", "jd", "old", "rc", "rssi", "mis", "clk")
 SAMPLES_KEPT = 720          # per device: six hours of 30 s heartbeats for the device page
+PRUNE_EVERY = 50            # samples of a device between two prunings
 RECENT_S = 3600             # samples and boots that matter for a verdict
 BOOT_UP_S = 120             # a birth this soon after power-up is a boot, not a reconnect
 FULL_CHECK_S = 5.0          # re-judge every device this often (timeouts need no uplink)
@@ -319,6 +320,7 @@ class Monitor:
         self._samples = {}       # device_id -> deque of recent samples
         self._boots = {}         # device_id -> list of (t, rst)
         self._latest = {}        # device_id -> newest reported fields
+        self._unpruned = {}      # device_id -> samples written since its last pruning
         self._states = None      # device_id -> stored_state
         self._next_full = 0.0
         self._started = clock()
@@ -413,15 +415,17 @@ class Monitor:
         sample = {key: _num(fields.get(key)) for key in SAMPLE_FIELDS}
         stuck = fields.get("stuck") or []
         sample.update(t=now, kind=kind, stuck=list(stuck), disp=_num(fields.get("disp")))
-        cur = self.store.conn.execute(
+        self.store.conn.execute(
             "INSERT INTO health_samples (device_id, at, t, up, heap, jd, old, rc, rssi, mis, clk,"
             " kind, stuck, disp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (device_id, iso(now), now, sample["up"], sample["heap"], sample["jd"], sample["old"],
              sample["rc"], sample["rssi"], sample["mis"], sample["clk"], kind,
              ",".join(str(k) for k in stuck), sample["disp"]))
         samples.append(sample)
-        if cur.lastrowid % 50 == 0:
+        self._unpruned[device_id] = self._unpruned.get(device_id, 0) + 1
+        if self._unpruned[device_id] >= PRUNE_EVERY:
             # Bounded per device: drop what lies beyond the newest SAMPLES_KEPT.
+            self._unpruned[device_id] = 0
             self.store.conn.execute(
                 "DELETE FROM health_samples WHERE device_id = ? AND id <= (SELECT id FROM "
                 "health_samples WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",

@@ -266,14 +266,20 @@ def test_samples_are_taken_per_report_and_bounded_per_device(hall, monkeypatch):
     monkeypatch.setattr(health, "SAMPLES_KEPT", 20)
     monitor = Monitor(store, clock=clock)
     send(ingestor, "D1", "birth", birth())
+    send(ingestor, "D2", "birth", birth())
     monitor.tick()
     for i in range(1, 120):
         clock.advance(30)
+        # Two devices taking turns: each is pruned on its own count, whatever the row ids.
         send(ingestor, "D1", "hb", fields(up=3 + 30 * i, heap=30000 - i))
+        send(ingestor, "D2", "hb", fields(up=3 + 30 * i, heap=20000 - i))
         monitor.tick()
         monitor.tick()  # the same report seen twice is sampled once
-    count = store.conn.execute("SELECT count(*) FROM health_samples WHERE device_id = 'D1'")
-    assert 20 <= count.fetchone()[0] <= 20 + 50  # pruned every 50 inserts
+    for device_id in ("D1", "D2"):
+        count = store.conn.execute("SELECT count(*) FROM health_samples WHERE device_id = ?",
+                                   (device_id,)).fetchone()[0]
+        assert 20 <= count < 20 + health.PRUNE_EVERY
     history = health.sample_history(store, "D1", limit=5)
     assert [s["heap"] for s in history] == [30000 - i for i in range(115, 120)]
     assert history[-1]["kind"] == "hb"
+    assert len(store.events(kind="state")) == 2  # each came online once, nothing else
