@@ -263,6 +263,35 @@ def test_what_the_hub_turned_away_and_lost_is_visible(hall):
     run(hall, scenario)
 
 
+def test_a_window_shows_why_its_device_is_degraded_and_since_when_it_is_offline(hall):
+    settings, clock, store, ingestor = hall
+    hb = {"v": 1, "fw": "0.1.0", "board": "sim", "up": 500, "rst": "power", "heap": 4000,
+          "jd": 0, "old": 0, "rc": 0, "rssi": -50, "stuck": [5], "disp": 0, "mis": 0,
+          "clk": 0, "lo": 1, "next": 1}
+    for device_id in ("DA", "DB"):
+        ingestor.handle_group([Uplink("pj/%s/up/birth" % device_id,
+                                      json.dumps(dict(hb, d=device_id)).encode(), 0, 1, 0)])
+    ingestor.handle_group([Uplink("pj/DB/up/will", json.dumps(
+        {"v": 1, "d": "DB", "online": False}).encode(), 0, 1, 0)])
+
+    async def scenario(c):
+        await login(c["chief"], "chief")
+        await settle()
+        over = await (await c["chief"].get("/dashboard/api/overview")).json()
+        cards = {w["window"]: w for w in over["windows"]}
+        a = cards["A01"]["devices"][0]
+        assert (cards["A01"]["state"], a["reasons"], a["reason_labels"]) == \
+            ("degraded", ["stuck_key", "low_memory"], ["按键卡住(5星键)", "内存不足(剩余4000字节)"])
+        b = cards["B01"]["devices"][0]
+        assert (cards["B01"]["state"], b["since"]) == ("offline", iso(NOON))
+        assert over["devices"] == {"online": 0, "degraded": 1, "offline": 1, "never": 0}
+        page = await (await c["chief"].get("/dashboard/api/devices/DA")).json()
+        assert page["fields"]["stuck"] == [5] and page["state_label"] == "异常"
+        assert [e["kind"] for e in page["events"]][:2] == ["state", "birth"]
+
+    run(hall, scenario)
+
+
 async def read_events(resp, want, timeout=6.0):
     """Server-sent events until one of kind `want` arrives: [(event, data), ...]."""
     events = []

@@ -190,6 +190,11 @@
       setLive(false, "连接中断，重连中…");
       // A stream refused for a lapsed login never recovers by itself: ask who we are.
       debounce("whoami", 3000, () => api("GET", "me").catch(() => {}));
+      // The browser retries a dropped stream by itself, but gives up on an error answer
+      // (a proxy's 502 while the hub restarts): then open a new one.
+      if (es.readyState === EventSource.CLOSED) {
+        debounce("reopen", 5000, () => { if (state.me && state.stream === es) openStream(); });
+      }
     };
   }
 
