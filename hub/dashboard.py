@@ -384,7 +384,6 @@ class Subscriber:
     def __init__(self, session):
         self.session = session
         self.queue = asyncio.Queue(STREAM_QUEUE)
-        self.lagged = False
 
 
 def _sse(event, data):
