@@ -754,7 +754,8 @@ class Engine:
                     conn.execute("UPDATE visits SET next_t = NULL WHERE id = ?", (visit["id"],))
                     continue
                 if visit["give_up_t"] is not None and now > visit["give_up_t"]:
-                    self._refuse_visit(visit["id"], case["device_state"] or "busy")
+                    why = "busy" if self.presence(visit["device_id"]) == "online" else "offline"
+                    self._refuse_visit(visit["id"], why)
                     self._callback(visit["id"], "refused", now)
                     continue
                 if self.presence(visit["device_id"]) != "online":
