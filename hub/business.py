@@ -376,6 +376,7 @@ class Engine:
                                          visit_of=self._visit_of, is_derived=self._is_derived)
         self.waiting = set()   # visits whose first prompt a request handler is waiting on
         self._jurisdiction_at = 0.0
+        self._refused = None   # a jurisdiction whose catalogue cannot reach the devices
         self._task = None
         self.steps = 0
         if downlink is not None:
@@ -609,12 +610,21 @@ class Engine:
             return
         self._jurisdiction_at = loop_now
         name = policy.chosen_name(self.store, self.province_profile)
-        if name == self.jurisdiction.name:
+        if name == self.jurisdiction.name or name == self._refused:
             return
         try:
             jurisdiction = policy.load(name)
         except policy.PolicyError as exc:
             log.error("business: keeping jurisdiction %s: %s", self.jurisdiction.name, exc)
+            return
+        if self.downlink is not None and not self.downlink.fits(jurisdiction.catalogue()):
+            # The devices would drop it and fall back to their built-in list: keep the
+            # catalogue they have, and say why.
+            log.error("business: keeping jurisdiction %s: the catalogue of %s is too large "
+                      "for the devices' downlink buffer", self.jurisdiction.name, name)
+            with self.store.transaction():
+                self.store.bump("catalogue_too_large")
+            self._refused = name
             return
         log.info("business: jurisdiction %s -> %s (catalogue %s)", self.jurisdiction.name,
                  name, jurisdiction.cv)

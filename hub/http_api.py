@@ -32,6 +32,10 @@ MAX_TEXT = business.MAX_TEXT
 SCREEN_W = 256    # the reference display is 256x64 (firmware/display.py)
 LINE_H = 16
 BODY_MAX = 1024 * 1024   # a staff photo as base64 is the largest body
+# The largest MQTT packet the MCU evaluator takes (firmware/app.py MAX_DOWNLINK); a bigger
+# downlink is dropped there, so a catalogue must stay under it with its topic and header.
+DEVICE_DOWNLINK_MAX = 5120
+PACKET_OVERHEAD = 64
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 PHOTO_FETCH_TIMEOUT_S = 5.0
 
@@ -100,16 +104,25 @@ class Downlink:
             self._cat_payload = None
             return True
 
+    def payload_for(self, catalogue):
+        """The cat downlink for a catalogue, labels rendered."""
+        return json.dumps({
+            "cv": catalogue["cv"],
+            "rs": [{"c": code, "a": area, "bm": self.render(label)}
+                   for code, area, label in catalogue["rs"]],
+        })
+
+    def fits(self, catalogue):
+        """True when the rendered catalogue fits the MCU's downlink buffer."""
+        size = len(self.payload_for(catalogue).encode("utf-8"))
+        return size + PACKET_OVERHEAD <= DEVICE_DOWNLINK_MAX
+
     def cat_payload(self):
         with self._lock:
             catalogue, payload = self.catalogue, self._cat_payload
         if payload is None:
             # Rendered once per catalogue: twelve labels cost a few hundred ms of font work.
-            payload = json.dumps({
-                "cv": catalogue["cv"],
-                "rs": [{"c": code, "a": area, "bm": self.render(label)}
-                       for code, area, label in catalogue["rs"]],
-            })
+            payload = self.payload_for(catalogue)
             with self._lock:
                 if self.catalogue is catalogue:
                     self._cat_payload = payload

@@ -29,7 +29,7 @@ FALLBACK = "national"
 UNITS = ("natural_days", "working_days", "hours")
 APPLIED_BY = ("hall", "province")
 AREAS = ("item", "staff")
-MAX_REASONS = 12      # the device takes 16; 12 labels keep the cat downlink under 8 KB
+MAX_REASONS = 12      # the device takes 16; the rendered list must fit its 5 KB downlink buffer
 MAX_LABEL = 12        # characters: one line of the reasons list, scrolling for the rest
 SUSPICION_DEFAULTS = {
     "top_stars": 5,          # what counts as a top rating

@@ -6,14 +6,16 @@ import copy
 import datetime
 import json
 import os
+import re
 
 import pytest
 
 from firmware.evaluator import downlink
-from hub import batch, policy
+from hub import batch, http_api, policy
 from hub.http_api import Downlink
 from hub.store import Store
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEIJING = datetime.timezone(datetime.timedelta(hours=8))
 
 
@@ -121,16 +123,24 @@ def test_guangdong_codes_are_all_known_to_the_guangdong_province_profile():
 
 
 def test_every_catalogue_fits_the_device_and_passes_its_checks():
+    with open(os.path.join(ROOT, "firmware", "app.py"), encoding="utf-8") as f:
+        limit = int(re.search(r"MAX_DOWNLINK = const\((\d+)\)", f.read()).group(1))
+    assert http_api.DEVICE_DOWNLINK_MAX == limit   # the hub knows the device's buffer
     sent = []
     cat = Downlink(lambda *a, **k: sent.append(a))
     for name, jurisdiction in policy.load_all().items():
         cat.set_catalogue(jurisdiction.catalogue())
         payload = cat.cat_payload()
-        assert len(payload.encode()) <= 8192, name          # firmware/app.py _MAX_DOWNLINK
+        assert cat.fits(jurisdiction.catalogue()), name
+        assert len(payload.encode()) + http_api.PACKET_OVERHEAD <= limit, name
         checked = downlink.check_catalogue(json.loads(payload))
         assert checked["cv"] == jurisdiction.cv and all(r["bm"] for r in checked["rs"])
         assert [r["a"] for r in checked["rs"]] == [a for _c, a, _l in jurisdiction.reasons]
     assert cat.set_catalogue(policy.load("xilingol").catalogue()) is False
+    # Twelve long labels would not fit: the hub can tell before it sends them.
+    wide = {"cv": "wide-1", "rs": [("X%02d" % i, "staff", "很长的差评指标名称二十字" * 2)
+                                   for i in range(12)]}
+    assert not cat.fits(wide)
 
 
 @pytest.mark.parametrize("change, field", [
@@ -196,5 +206,40 @@ def test_the_jurisdiction_in_force_is_chosen_else_named_by_the_province_profile(
         with pytest.raises(policy.PolicyError):
             policy.choose(store, "atlantis")
         assert policy.chosen_name(store) == "xilingol"
+    finally:
+        store.close()
+
+
+def test_a_hub_keeps_its_catalogue_when_the_new_one_would_not_reach_the_devices(
+        tmp_path, monkeypatch):
+    from hub import business
+
+    sent = []
+    store = Store(str(tmp_path / "hub.db"))
+    try:
+        engine = business.Engine(store, Downlink(lambda *a, **k: sent.append(a)))
+        assert engine.jurisdiction.name == "national"
+        real = policy.load
+
+        def wide_taian(name, folder=policy.JURISDICTION_DIR):
+            j = real(name, folder)
+            if name == "taian":
+                j.reasons = tuple(("X%02d" % i, "staff", "很长的差评指标名称二十字" * 2)
+                                  for i in range(12))
+            return j
+
+        monkeypatch.setattr(policy, "load", wide_taian)
+        with store.transaction():
+            store.set_state(policy.STATE_KEY, "taian")
+        engine._follow_jurisdiction()
+        assert engine.jurisdiction.name == "national" and sent == []
+        assert store.counters()["catalogue_too_large"] == 1
+        monkeypatch.setattr(policy, "load", real)
+        engine._refused = None
+        engine._jurisdiction_at = 0
+        engine._follow_jurisdiction()
+        assert engine.jurisdiction.name == "taian"
+        assert {a[0] for a in sent} == set()   # no devices registered: nothing to send
+        assert json.loads(engine.downlink.cat_payload())["cv"] == "ta-2020.1"
     finally:
         store.close()
