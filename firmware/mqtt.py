@@ -58,6 +58,7 @@ _DUP = const(0x08)
 _RETAIN = const(0x01)
 _BACKOFF_FIRST_MS = const(500)
 _MIN_PACKET = const(64)
+_POLL_MS = const(20)  # how often a waiting task looks at the flags it waits for
 # SUBACK's return code for a refused subscription: what subscribe() then returns.
 SUB_REFUSED = const(0x80)
 
@@ -267,6 +268,11 @@ class MQTTClient:
 
     Link faults surface as OSError from publish/subscribe and are handled by run(), which
     reconnects with capped exponential backoff and jitter. Caller mistakes raise MQTTError.
+
+    The client waits by polling its own flags every few tens of milliseconds instead of
+    using asyncio's Event, Lock and wait_for: on the device those would load three more
+    modules and make a task per timed wait, for no gain at this pace (a packet or two a
+    second). Its tasks: run() (connecting, keepalive, backoff) and one receiver per link.
     """
 
     def __init__(self, client_id, server, port=1883, user=None, password=None, keepalive=30,
@@ -291,18 +297,15 @@ class MQTTClient:
         self._buf = bytearray(max_packet)
         self._mv = memoryview(self._buf)
         self._mv1 = self._mv[:1]
-        self._lock = asyncio.Lock()    # one qos1 publish or subscribe awaiting its ack
-        self._wlock = asyncio.Lock()   # whole packets, one writer at a time
-        self._up = asyncio.Event()     # set while connected
-        self._down = asyncio.Event()   # set when the current link failed
-        self._ack_ev = asyncio.Event()
-        self._stop_ev = asyncio.Event()  # set by disconnect(): run() returns
         self._reader = None
         self._writer = None
-        self._tasks = None             # (receive, keepalive) tasks of the current link
+        self._rx_task = None           # the receiver of the current link
         self._gen = 0                  # link generation: a fault on an old link is ignored
         self._link_ok = False          # socket open and not failed
         self._connected = False        # CONNACK accepted and link not failed
+        self._stop = False             # disconnect() was called: run() returns
+        self._busy = False             # a qos1 publish or a subscribe awaits its ack
+        self._writing = False          # a packet is being written (whole packets only)
         self._pid = 0
         self._wait = 0                 # (packet type << 16) | pid of the ack awaited
         self._ack_code = -1            # its return code once it arrived, else -1
@@ -321,16 +324,16 @@ class MQTTClient:
         return self._connected
 
     async def connected(self):
-        await self._up.wait()
+        while not self._connected:
+            await _sleep_ms(_POLL_MS)
 
     async def run(self):
         """Connect, and after any link fault reconnect, until disconnect() is called."""
-        self._stop_ev.clear()
-        stop = self._stop_ev
+        self._stop = False
         attempt = 0
         ever = False
         try:
-            while not stop.is_set():
+            while not self._stop:
                 try:
                     await self._open_and_connect()
                 except Exception as exc:  # noqa: BLE001
@@ -342,24 +345,18 @@ class MQTTClient:
                     self._end_link()
                 else:
                     up_at = ticks_ms()
-                    gen = self._gen
                     if ever:
                         self.reconnects += 1
                     ever = True
                     try:
-                        if self._on_connect is not None:
-                            try:
-                                await self._on_connect(self)
-                            except OSError as exc:  # the link broke while re-subscribing
-                                self._fail(exc, gen)
-                        await self._down.wait()
+                        await self._linked(self._gen)
                     finally:
                         self._end_link()
                     # A link that stayed up a while was a real recovery; one that died at
                     # once (a flapping broker, a client-id fight) keeps growing the backoff.
                     if ticks_diff(ticks_ms(), up_at) >= max(self._ka_ms, 1000):
                         attempt = 0
-                if stop.is_set():
+                if self._stop:
                     break
                 delay = _BACKOFF_FIRST_MS << min(attempt, 10)
                 if delay > self._backoff_max:
@@ -368,13 +365,42 @@ class MQTTClient:
                 # together must not all come back in the same millisecond.
                 half = delay // 2
                 delay = half + ((delay - half) * getrandbits(8) >> 8)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay / 1000)
-                except asyncio.TimeoutError:
-                    pass
+                start = ticks_ms()
+                while not self._stop and ticks_diff(ticks_ms(), start) < delay:
+                    await _sleep_ms(_POLL_MS)
                 attempt += 1
         finally:  # also when the caller cancels run(): never leave a socket behind
             self._end_link()
+
+    async def _linked(self, gen):
+        # While one link lives: on_connect, then the keepalive duty until the link fails.
+        if self._on_connect is not None:
+            try:
+                await self._on_connect(self)
+            except OSError as exc:  # the link broke while re-subscribing
+                self._fail(exc, gen)
+        ka = self._ka_ms
+        half = ka // 2
+        tick = min(max(ka // 8, 50), 1000)
+        last = ticks_ms()
+        while self._link_ok and gen == self._gen:
+            await _sleep_ms(_POLL_MS)
+            now = ticks_ms()
+            if not ka or ticks_diff(now, last) < tick:
+                continue
+            last = now
+            try:
+                silent = ticks_diff(now, self._last_rx)
+                if silent >= ka + half:
+                    raise OSError(errno.ETIMEDOUT, "broker silent for 1.5 x keepalive")
+                # Ping when we have been quiet (the broker needs a packet within keepalive)
+                # or the broker has (a ping forces an answer that proves the link lives).
+                if (ticks_diff(now, self._last_tx) >= half
+                        or (silent >= half and ticks_diff(now, self._last_ping) >= half)):
+                    self._last_ping = now
+                    await self._send(b"\xc0\x00", None, gen)  # PINGREQ
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, gen)
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """Send one message. qos 1 returns once PUBACKed; OSError if the link drops first."""
@@ -388,53 +414,46 @@ class MQTTClient:
             return
         if qos != 1:
             raise MQTTError("qos must be 0 or 1")
-        async with self._lock:
-            if not self._connected:
-                raise OSError(errno.ENOTCONN, "not connected")
-            gen = self._gen
+        gen = await self._take()
+        try:
             self._pid = pid = self._pid % 65535 + 1
             head = publish_header(topic, len(payload), 1, retain, False, pid)
             self._wait = (_PUBACK << 16) | pid
-            self._ack_code = -1
-            try:
+            await self._send(head, payload, gen)
+            while not await self._wait_ack(gen):
+                # No PUBACK in time on a live link: resend the same pid with DUP so the
+                # broker knows it may be a repeat.
+                self.pub_retries += 1
+                head = bytearray(head)
+                head[0] |= _DUP
                 await self._send(head, payload, gen)
-                while not await self._wait_ack(gen):
-                    # No PUBACK in time on a live link: resend the same pid with DUP so the
-                    # broker knows it may be a repeat.
-                    self.pub_retries += 1
-                    head = bytearray(head)
-                    head[0] |= _DUP
-                    await self._send(head, payload, gen)
-            finally:
-                self._wait = 0
+        finally:
+            self._wait = 0
+            self._busy = False
 
     async def subscribe(self, topic, qos=1):
         """Subscribe to one filter; returns the granted qos, or SUB_REFUSED (0x80)."""
         check_filter(topic)
         if qos != 0 and qos != 1:
             raise MQTTError("qos must be 0 or 1")
-        async with self._lock:
-            if not self._connected:
-                raise OSError(errno.ENOTCONN, "not connected")
-            gen = self._gen
+        gen = await self._take()
+        try:
             self._pid = pid = self._pid % 65535 + 1
-            packet = subscribe_packet(pid, topic, qos)
             self._wait = (_SUBACK << 16) | pid
-            self._ack_code = -1
-            try:
-                await self._send(packet, None, gen)
-                if not await self._wait_ack(gen):
-                    # SUBSCRIBE cannot be resent with DUP; a broker this slow is as good as gone.
-                    exc = OSError(errno.ETIMEDOUT, "no SUBACK")
-                    self._fail(exc, gen)
-                    raise exc
-                return self._ack_code
-            finally:
-                self._wait = 0
+            await self._send(subscribe_packet(pid, topic, qos), None, gen)
+            if not await self._wait_ack(gen):
+                # SUBSCRIBE cannot be resent with DUP; a broker this slow is as good as gone.
+                exc = OSError(errno.ETIMEDOUT, "no SUBACK")
+                self._fail(exc, gen)
+                raise exc
+            return self._ack_code
+        finally:
+            self._wait = 0
+            self._busy = False
 
     async def disconnect(self):
         """Say goodbye (so the broker drops the will), close, and make run() return."""
-        self._stop_ev.set()
+        self._stop = True
         gen = self._gen
         if self._link_ok:
             try:
@@ -446,33 +465,48 @@ class MQTTClient:
 
     # -- link ------------------------------------------------------------------------------
 
+    async def _take(self):
+        # One qos1 publish or subscribe at a time awaits its ack; returns the link it uses.
+        while self._busy:
+            await _sleep_ms(_POLL_MS)
+        if not self._connected:
+            raise OSError(errno.ENOTCONN, "not connected")
+        self._busy = True
+        self._ack_code = -1
+        return self._gen
+
+    async def _within(self, coro):
+        # coro's result, or OSError once ack_timeout_ms passed (the coroutine is cancelled).
+        task = asyncio.create_task(coro)
+        start = ticks_ms()
+        while not task.done():
+            if ticks_diff(ticks_ms(), start) >= self._ack_ms:
+                task.cancel()
+                raise OSError(errno.ETIMEDOUT, "timed out")
+            await _sleep_ms(_POLL_MS)
+        return await task
+
     async def _open_and_connect(self):
         self._gen += 1
         gen = self._gen
-        self._down.clear()
         opener = self._open or asyncio.open_connection
         if self._ssl is None:
             link = opener(self.server, self.port)
         else:
             link = opener(self.server, self.port, ssl=self._ssl)
-        reader, writer = await asyncio.wait_for(link, self._ack_ms / 1000)
-        self._reader = reader
-        self._writer = writer
+        self._reader, self._writer = await self._within(link)
         self._link_ok = True
         self._last_rx = self._last_tx = self._last_ping = ticks_ms()
         await self._send(self._connect_pkt, None, gen)
-        head = await asyncio.wait_for(self._read_fixed_header(), self._ack_ms / 1000)  # type: tuple
-        if head != (_CONNACK, 2):
+        if await self._within(self._read_fixed_header()) != (_CONNACK, 2):
             raise MalformedPacket("expected CONNACK")
         body = self._mv[:2]
-        await asyncio.wait_for(self._fill(body), self._ack_ms / 1000)
+        await self._within(self._fill(body))
         self.session_present, code = decode_connack(body)
         if code:
             raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % code)
         self._connected = True
-        self._up.set()
-        self._tasks = (asyncio.create_task(self._rx_loop(gen)),
-                       asyncio.create_task(self._keepalive_loop(gen)) if self._ka_ms else None)
+        self._rx_task = asyncio.create_task(self._rx_loop(gen))
 
     def _fail(self, why, gen):
         # Every link fault from every task ends here, once per link.
@@ -481,20 +515,13 @@ class MQTTClient:
         self._link_ok = False
         self._connected = False
         self.last_fault = _why(why)
-        self._up.clear()
-        self._down.set()
-        self._ack_ev.set()  # wake a publish/subscribe waiting for its ack: it will raise
 
     def _end_link(self):
-        tasks = self._tasks
-        self._tasks = None
-        for task in tasks or ():
-            if task is not None:
-                task.cancel()
+        if self._rx_task is not None:
+            self._rx_task.cancel()
+            self._rx_task = None
         self._link_ok = False
         self._connected = False
-        self._up.clear()
-        self._ack_ev.set()
         writer = self._writer
         self._reader = self._writer = None
         if writer is not None:
@@ -504,31 +531,33 @@ class MQTTClient:
                 pass
 
     async def _send(self, head, tail, gen):
-        async with self._wlock:
-            writer = self._writer
-            if writer is None or not self._link_ok or gen != self._gen:
-                raise OSError(errno.ENOTCONN, "not connected")
-            try:
-                writer.write(head)
-                if tail:
-                    writer.write(tail)
-                await writer.drain()
-            except Exception as exc:  # noqa: BLE001
-                self._fail(exc, gen)
-                if isinstance(exc, OSError):
-                    raise
-                # e.g. a TLS error, a ValueError on MicroPython: to the caller it is the link
-                raise OSError(errno.ECONNRESET, _why(exc))
-            self._last_tx = ticks_ms()
+        while self._writing:
+            await _sleep_ms(_POLL_MS // 4)
+        writer = self._writer
+        if writer is None or not self._link_ok or gen != self._gen:
+            raise OSError(errno.ENOTCONN, "not connected")
+        self._writing = True
+        try:
+            writer.write(head)
+            if tail:
+                writer.write(tail)
+            await writer.drain()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, gen)
+            if isinstance(exc, OSError):
+                raise
+            # e.g. a TLS error, a ValueError on MicroPython: to the caller it is the link
+            raise OSError(errno.ECONNRESET, _why(exc))
+        finally:
+            self._writing = False
+        self._last_tx = ticks_ms()
 
     async def _wait_ack(self, gen):
         """True once the awaited ack arrived; False on timeout; OSError if the link failed."""
-        self._ack_ev.clear()
-        if self._ack_code < 0 and self._link_ok and gen == self._gen:
-            try:
-                await asyncio.wait_for(self._ack_ev.wait(), self._ack_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+        start = ticks_ms()
+        while (self._ack_code < 0 and self._link_ok and gen == self._gen
+               and ticks_diff(ticks_ms(), start) < self._ack_ms):
+            await _sleep_ms(_POLL_MS // 4)
         if self._ack_code >= 0:
             return True
         if gen != self._gen or not self._connected:
@@ -626,7 +655,6 @@ class MQTTClient:
                             code = codes[0]
                         if self._wait == (first << 16) | pid:
                             self._ack_code = code
-                            self._ack_ev.set()
                         # else: a late ack for an earlier try of the same message; harmless
                     elif first != _PINGRESP or length:
                         # (a PINGRESP needs nothing: its arrival refreshed _last_rx)
@@ -634,24 +662,4 @@ class MQTTClient:
                 except MalformedPacket:
                     self.dropped_incoming += 1
         except Exception as exc:  # any fault, even our own bug, ends only this link
-            self._fail(exc, gen)
-
-    async def _keepalive_loop(self, gen):
-        ka = self._ka_ms
-        half = ka // 2
-        tick = min(max(ka // 8, 50), 1000)
-        try:
-            while True:
-                await _sleep_ms(tick)
-                now = ticks_ms()
-                silent = ticks_diff(now, self._last_rx)
-                if silent >= ka + half:
-                    raise OSError(errno.ETIMEDOUT, "broker silent for 1.5 x keepalive")
-                # Ping when we have been quiet (the broker needs a packet within keepalive)
-                # or the broker has (a ping forces an answer that proves the link lives).
-                if (ticks_diff(now, self._last_tx) >= half
-                        or (silent >= half and ticks_diff(now, self._last_ping) >= half)):
-                    self._last_ping = now
-                    await self._send(b"\xc0\x00", None, gen)  # PINGREQ
-        except Exception as exc:
             self._fail(exc, gen)
