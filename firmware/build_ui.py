@@ -48,7 +48,7 @@ STRINGS = (
     ("KEY_BACK", "返回", 12, 1),
     ("KEY_SUBMIT", "提交", 12, 1),
 )
-# The built-in reasons (evaluator/reasons.py FALLBACK_CODES) and their labels; reason
+# The built-in reasons (evaluator/rating.py FALLBACK_CODES) and their labels; reason
 # rows are 16 px high (firmware/screens.py). The labels live here, not on the device:
 # it only ever shows their bitmaps.
 FALLBACK_LABELS = (

@@ -69,7 +69,7 @@ _scroll = [None, 0, None, 0]
 # Label widths and positions over the keys, filled in place.
 _WIDTHS = [0] * _KEYS
 _XS = [0] * _KEYS
-# Codes of the built-in reasons (evaluator/reasons.py), in ui_text order.
+# Codes of the built-in reasons (evaluator/rating.py FALLBACK_CODES), in ui_text order.
 _BUILTIN = ("PJ01", "PJ02", "PJ03", "PJ04", "PJ05", "PJ06")
 # A 9x9 star in the device bitmap form.
 _STAR = b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\x00\x09\x00\x09"

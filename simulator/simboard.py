@@ -36,18 +36,17 @@ _GAP_MS = const(70)  # released between queued presses
 _PRESS_SLOTS = const(16)  # queued presses; overflow drops the newest, counted
 _LINE_SLOTS = const(64)  # event lines waiting for the socket; overflow drops the oldest
 _MAX_LINE = const(512)  # longest command line accepted
+_HEAP_EVERY_MS = const(2000)  # the live heap is sampled this often
 
 
 class SimPin:
-    """A key's raw level: 1 released (pull-up), 0 pressed; callable like machine.Pin."""
+    """A key's raw level: 1 released (pull-up), 0 pressed; calling it reads it, as calling
+    a machine.Pin does."""
 
     def __init__(self):
         self.level = 1
 
     def __call__(self):
-        return self.level
-
-    def value(self):
         return self.level
 
 
@@ -94,12 +93,6 @@ class SimBoard:
     def free_heap(self):
         return gc.mem_free()
 
-    def ticks_ms(self):
-        return time.ticks_ms()
-
-    def wifi_up(self):
-        return True
-
     def fs_sync(self, f):
         # A flash write that fails (injected) must surface as OSError to the journal.
         if self.fail_sync:
@@ -132,18 +125,17 @@ class SimBoard:
             self.live_max = live
         return live
 
-    def heap(self):
-        live = self.sample_heap()
-        return {"e": "heap", "live": live, "live_max": self.live_max,
-                "size": live + gc.mem_free(), "peak": micropython.mem_peak()}
-
-    def stats(self):
+    def stats(self, kind="stats"):
+        # kind "heap": the heap figures only; "stats": everything.
         app = self.app
         live = self.sample_heap()
-        out = {"e": "stats", "live": live, "live_max": self.live_max,
-               "size": live + gc.mem_free(), "peak": micropython.mem_peak(),
-               "presses_dropped": self.presses_dropped, "lines_dropped": self.lines_dropped,
-               "frames": self.display.frames}
+        out = {"e": kind, "live": live, "live_max": self.live_max,
+               "size": live + gc.mem_free(), "peak": micropython.mem_peak()}
+        if kind == "heap":
+            return out
+        out["presses_dropped"] = self.presses_dropped
+        out["lines_dropped"] = self.lines_dropped
+        out["frames"] = self.display.frames
         if app is not None:
             r = app.rating
             j = app.journal
@@ -174,10 +166,8 @@ class SimBoard:
             d = self.display
             return {"e": "fb", "w": d.width, "h": d.height,
                     "b": binascii.b2a_base64(d.buffer).decode().strip()}
-        if c == "stats":
-            return self.stats()
-        if c == "heap":
-            return self.heap()
+        if c == "stats" or c == "heap":
+            return self.stats(c)
         if c == "flash":
             self.fail_sync = bool(cmd.get("fail"))
             return {"e": "flash", "fail": self.fail_sync}
@@ -187,10 +177,15 @@ class SimBoard:
         return {"e": "error", "c": c, "why": "unknown command"}
 
     async def _fingers(self):
-        # Plays queued presses as level changes the key scanner sees.
+        # Plays queued presses as level changes the key scanner sees; between presses it
+        # samples the heap every 2 s (one task for both: each task costs heap).
+        sampled = time.ticks_ms()
         while True:
             if not self._presses:
                 await asyncio.sleep_ms(10)
+                if time.ticks_diff(time.ticks_ms(), sampled) >= _HEAP_EVERY_MS:
+                    sampled = time.ticks_ms()
+                    self.sample_heap()
                 continue
             stars, ms, gap = self._presses.pop(0)
             # "gap": at least this long since the previous press began -- a person's pace,
@@ -249,13 +244,7 @@ class SimBoard:
                 pass
             await asyncio.sleep_ms(500)
 
-    async def _heap_watch(self):
-        while True:
-            await asyncio.sleep_ms(2000)
-            self.sample_heap()
-
     def start(self):
         asyncio.create_task(self._fingers())
-        asyncio.create_task(self._heap_watch())
         if self.ctl_port > 0:
             asyncio.create_task(self._control())

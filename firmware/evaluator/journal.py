@@ -75,7 +75,10 @@ class Journal:
         self._crc = bytearray(4)
         self._buf = memoryview(bytearray(_CHUNK))
         self._segs = []
-        self._acked = 0
+        # The sequence the next record gets, and the highest one the hub acked (plain
+        # attributes, read-only for callers: a property costs the device's heap more).
+        self.next_seq = 1
+        self.acked = 0
         self._broken = False
         self.cut_bytes = 0
         self.recoveries = 0
@@ -87,25 +90,17 @@ class Journal:
         self._recover(seq_floor)
 
     @property
-    def next_seq(self):
-        return self._next
-
-    @property
-    def acked(self):
-        return self._acked
-
-    @property
     def depth(self):
         n = 0
         for first, count, _ in self._segs:
-            n += max(0, min(count, first + count - 1 - self._acked))
+            n += max(0, min(count, first + count - 1 - self.acked))
         return n
 
     @property
     def oldest_seq(self):
         for first, count, _ in self._segs:
-            if count and first + count - 1 > self._acked:
-                return max(first, self._acked + 1)
+            if count and first + count - 1 > self.acked:
+                return max(first, self.acked + 1)
         return None
 
     @property
@@ -160,7 +155,7 @@ class Journal:
                 end = max(end, first + count)
             else:
                 os.remove(path)  # empty and not the newest: carries no sequence
-        self._next = max(end, floor, 1)
+        self.next_seq = max(end, floor, 1)
 
     def _scan(self, path, seq, size):
         """(bytes, records) of the valid prefix of one segment, checked chunk by chunk."""
@@ -206,7 +201,7 @@ class Journal:
 
     def _spent(self, seg):
         # May go: empty, or every record in it acked by the hub.
-        return seg[0] + seg[1] - 1 <= self._acked or not seg[1]
+        return seg[0] + seg[1] - 1 <= self.acked or not seg[1]
 
     def _trim(self):
         # Never the active (newest) segment: its name carries the next sequence number.
@@ -224,11 +219,11 @@ class Journal:
         if not self._segs:
             return True
         first, count, size = self._segs[-1]
-        return first + count != self._next or size + need > self._seg_bytes
+        return first + count != self.next_seq or size + need > self._seg_bytes
 
     def can_append(self, size):
         """Would a record with a payload of this many bytes fit right now?"""
-        if size > self._max or self._broken or self._next > _U32:
+        if size > self._max or self._broken or self.next_seq > _U32:
             return False
         segs = self._segs
         return (not self._new_segment(size + _OVERHEAD) or len(segs) < self._cap
@@ -237,8 +232,8 @@ class Journal:
     def append(self, seq, t, payload):
         """Store one record; returns only once it is durable (one write, one sync)."""
         n = len(payload)
-        if seq != self._next or seq > _U32 or not 0 <= t <= _U32 or n > self._max:
-            raise JournalError("bad record: seq %d (next %d), %d bytes" % (seq, self._next, n))
+        if seq != self.next_seq or seq > _U32 or not 0 <= t <= _U32 or n > self._max:
+            raise JournalError("bad record: seq %d (next %d), %d bytes" % (seq, self.next_seq, n))
         if self._broken:
             # A flash fault, like the one that caused it: callers treat both alike.
             raise OSError(5, "journal damaged by a failed write: reopen it")
@@ -277,17 +272,17 @@ class Journal:
             raise e
         seg[1] += 1
         seg[2] += need
-        self._next = seq + 1
+        self.next_seq = seq + 1
         if new:
             self._segs.append(seg)
             self._trim()
 
     def ack(self, seq):
         """The hub holds every record <= seq: trim whole segments. Returns records acked."""
-        if seq <= self._acked or seq >= self._next:
+        if seq <= self.acked or seq >= self.next_seq:
             return 0
         before = self.depth
-        self._acked = seq
+        self.acked = seq
         self._trim()
         return before - self.depth
 
@@ -301,7 +296,7 @@ class Journal:
         first = -1
         pos = seq = 0
         while True:
-            floor = max(after, self._acked)
+            floor = max(after, self.acked)
             seg = None
             for s in self._segs:
                 if s[0] == first and max(seq, floor + 1) < first + s[1]:

@@ -3,13 +3,16 @@
 # screen is drawn from view(), and a record goes out to the app, which signs it, makes it
 # durable in the journal and only then reports back with saved(): "thank you" never shows
 # for a vote that is not on flash (DESIGN.md guarantee 1). docs/rating.md is the reference.
-# The reasons screen lives in reasons.py and the downlink checks in downlink.py (small
-# modules also compile from source inside a 64 KB heap, for boards loaded with .py files).
+#
+# One module with the checks of the screen downlinks and the reasons screen: the device's
+# heap pays for every module and every name, and these three always load together.
 from . import codec
-from .downlink import KIND_CN_ACC, check_catalogue, check_context, check_prompt, is_int
-from .reasons import (BACK, SUBMIT, FALLBACK_CODES, FALLBACK_CV,  # noqa: F401
-                      HINT_MAX_REASONS, HINT_NEED_REASON, KEY_BACK, KEY_DOWN, KEY_SUBMIT,
-                      KEY_TOGGLE, KEY_UP, Reasons, fallback)
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):  # type: ignore[misc]
+        return x
 
 try:
     from time import ticks_diff as _ticks_diff  # MicroPython: `now` is time.ticks_ms(), which wraps
@@ -27,12 +30,120 @@ FULL = "FULL"  # the journal has no room: ratings refused, the QR fallback shown
 
 ANSWERED_MEMORY = 16  # prompt ids remembered as answered (one prompt, one record)
 
+# The five physical keys are soft keys on the reasons screen (labels drawn above them).
+KEY_UP = 5  # 上
+KEY_DOWN = 4  # 下
+KEY_TOGGLE = 3  # 选择
+KEY_BACK = 2  # 返回
+KEY_SUBMIT = 1  # 提交
+
+HINT_NEED_REASON = "need_reason"  # 请至少选择一项: submit pressed with nothing chosen
+HINT_MAX_REASONS = "max_reasons"  # a vote carries at most codec.MAX_REASONS codes
+
+# Used while no catalogue (or none with staff reasons for 承诺件 acceptance) has arrived, so
+# a citizen can always complete a bad rating: 服务态度, 服务水平, 服务效率 (about the staff
+# member), then 办事流程, 服务便民度, 服务事项管理 (about the item). Their labels are
+# rendered at build time (firmware/build_ui.py); the device shows only those bitmaps.
+# The entries are built when a bad rating needs them, not kept: the device's heap is small.
+FALLBACK_CV = "pj-builtin-1"
+FALLBACK_CODES = ("PJ01", "PJ02", "PJ03", "PJ04", "PJ05", "PJ06")
+_FALLBACK_STAFF = const(3)  # the first three are about the staff member
+
+# Prompt kinds (docs/protocol.md, "Downlink").
+_KIND_CN_ACC = const("cn_acc")  # 承诺件 at acceptance: only the staff member is rated
+_KINDS = const(("ji", "cn_acc", "cn_dlv"))  # 即办件; 承诺件 at acceptance; at delivery
+_AREA_ITEM = const("item")  # a reason about the service item (事项)
+_AREA_STAFF = const("staff")  # a reason about the staff member (工作人员)
+# Limits of the screen downlinks; the bitmap ones are display.py's and hub/bitmaps.py's.
+_MAX_CATALOGUE = const(16)  # reasons in one catalogue
+_MAX_TTL_S = const(3600)  # a prompt's ttl in seconds, 1.._MAX_TTL_S
+_MAX_BATCH = const(10000)  # `n`, the cases one batch rating covers
+_MAX_BITMAP_W = const(1024)
+_MAX_BITMAP_H = const(64)
+_MAX_BITMAP_BYTES = const(2048)
+
+
+def fallback(staff_only=False):
+    """The built-in reasons as catalogue entries {"c", "a", "bm": None}."""
+    out = []
+    for i in range(_FALLBACK_STAFF if staff_only else len(FALLBACK_CODES)):
+        area = _AREA_STAFF if i < _FALLBACK_STAFF else _AREA_ITEM
+        out.append({"c": FALLBACK_CODES[i], "a": area, "bm": None})
+    return out
+
 
 def __getattr__(name):
-    # FALLBACK_REASONS (reasons.py) is built on request, not kept on the device's heap.
+    # FALLBACK_REASONS, as a tuple built on request (tests and tools read it).
     if name == "FALLBACK_REASONS":
         return tuple(fallback())
     raise AttributeError(name)
+
+
+# ---- checks of the screen downlinks (`ctx`, `prompt`, `cat`) ------------------------------
+# A malformed message is refused where it arrives, with a CodecError naming the field,
+# instead of breaking a screen later.
+
+def _int(value):
+    # bool is an int subclass on CPython; `"n": true` is malformed.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bitmap(bm, name):
+    # A wire bitmap {"w","h","b"} or None.
+    if bm is None:
+        return
+    if not isinstance(bm, dict):
+        raise codec.CodecError(name + ": bitmap not an object")
+    w = bm.get("w")
+    h = bm.get("h")
+    b = bm.get("b")
+    # isinstance() spelled out (not _int) so the type checker knows w and h are ints below.
+    if (not isinstance(w, int) or isinstance(w, bool) or not 0 < w <= _MAX_BITMAP_W
+            or not isinstance(h, int) or isinstance(h, bool) or not 0 < h <= _MAX_BITMAP_H
+            or (w + 7) // 8 * h > _MAX_BITMAP_BYTES):
+        raise codec.CodecError(name + ": bitmap size")
+    # Exact padded base64 length of ceil(w/8)*h bytes: a short bitmap would make the screen
+    # code read past its end.
+    if not isinstance(b, str) or len(b) != ((w + 7) // 8 * h + 2) // 3 * 4:
+        raise codec.CodecError(name + ": bitmap data length")
+
+
+def _check(kind, msg):
+    if not isinstance(msg, dict):
+        raise codec.CodecError(kind + ": not an object")
+    if kind == "prompt":
+        codec.check_id(msg.get("pid"), "pid")
+        codec.check_id(msg.get("case", ""), "case", True)
+        if msg.get("kind") not in _KINDS:
+            raise codec.CodecError("kind: unknown")
+        n = msg.get("n", 1)
+        if not _int(n) or not 1 <= n <= _MAX_BATCH:
+            raise codec.CodecError("n: not 1..10000")
+        ttl = msg.get("ttl")
+        if ttl is not None and (not _int(ttl) or not 1 <= ttl <= _MAX_TTL_S):
+            raise codec.CodecError("ttl: not 1..3600")
+        _bitmap(msg.get("item"), "item")
+    elif kind == "ctx":
+        codec.check_id(msg.get("w", ""), "w", True)
+        codec.check_id(msg.get("sn", ""), "sn", True)
+        _bitmap(msg.get("name"), "name")
+        _bitmap(msg.get("win"), "win")
+    else:  # cat
+        codec.check_id(msg.get("cv"), "cv")
+        entries = msg.get("rs")
+        if not isinstance(entries, list) or len(entries) > _MAX_CATALOGUE:
+            raise codec.CodecError("rs: not a list of at most 16 reasons")
+        for i in range(len(entries)):
+            entry = entries[i]
+            if not isinstance(entry, dict):
+                raise codec.CodecError("rs: reason not an object")
+            code = codec.check_id(entry.get("c"), "c")
+            for j in range(i):
+                if entries[j]["c"] == code:
+                    raise codec.CodecError("c: duplicate code")
+            if entry.get("a") not in (None, _AREA_ITEM, _AREA_STAFF):
+                raise codec.CodecError("a: not item or staff")
+            _bitmap(entry.get("bm"), "bm")
 
 
 class Rating:
@@ -55,7 +166,13 @@ class Rating:
         self._served = None  # ctx when the prompt was shown: the staff who served
         self._ttl_ms = prompt_timeout_ms
         self.stars = 0  # 1 or 2 while reasons are chosen; the record's stars in SAVING and THANKS
-        self.reasons = Reasons()
+        # The reasons screen: the reasons offered, their catalogue version, the cursor, the
+        # hint on show and the chosen ones (1 = entry at that index chosen).
+        self._entries = ()
+        self._cv = ""
+        self._cursor = 0
+        self._hint = None
+        self._picked = bytearray(_MAX_CATALOGUE)
         self._kind = ""  # kind of the record in SAVING
         self._since = 0  # when the running timeout started
         self._now = 0
@@ -75,19 +192,19 @@ class Rating:
     # ---- downlinks ----------------------------------------------------------------------
     def set_context(self, ctx: dict) -> bool:
         """Who is signed in at the window. Returns False (counted) for a malformed ctx."""
-        if not self._valid(check_context, ctx):
+        if not self._valid("ctx", ctx):
             return False
         self.ctx = ctx
         # A prompt on screen keeps the staff it was shown with; the new context takes over
         # once the citizen is done.
-        if self.state in (OFF, IDLE):
+        if self.state == OFF or self.state == IDLE:
             self._rest()
         self.changes += 1
         return True
 
     def set_catalogue(self, cat: dict) -> bool:
         """The bad-rating indicator catalogue. Returns False (counted) for a malformed one."""
-        if not self._valid(check_catalogue, cat):
+        if not self._valid("cat", cat):
             return False
         # Reasons on screen stay as they are; the new catalogue applies from the next bad rating.
         self.cat = cat
@@ -98,17 +215,18 @@ class Rating:
         self._now = now
         if self.state == THANKS:
             self._expire(now)
-        if not self._valid(check_prompt, prompt):
+        if not self._valid("prompt", prompt):
             return "bad"
         pid = prompt["pid"]
         state = self.state
+        rest = state == OFF or state == IDLE
         shown = self.prompt
-        if state in (PROMPT, REASONS) and shown is not None and shown["pid"] == pid:
+        if (state == PROMPT or state == REASONS) and shown is not None and shown["pid"] == pid:
             return "shown"  # a QoS 1 redelivery of the prompt on screen: nothing changes
-        if state == FULL or (self.full and state in (OFF, IDLE)):
+        if state == FULL or (self.full and rest):
             self.why = "full"
             return "full"
-        if state not in (OFF, IDLE):
+        if not rest:
             self.why = "busy"
             return "busy"
         if pid in self._answered:
@@ -125,7 +243,7 @@ class Rating:
     def set_full(self, flag: bool) -> None:
         """The app's journal has no room (True) or room again (False)."""
         self.full = bool(flag)
-        if self.full and self.state in (OFF, IDLE):
+        if self.full and (self.state == OFF or self.state == IDLE):
             self._enter(FULL, self._now)
         elif not self.full and self.state == FULL:
             self._rest()
@@ -133,7 +251,7 @@ class Rating:
     # ---- the citizen --------------------------------------------------------------------
     def press(self, stars: int, now: int) -> dict | None:
         """Key `stars` (1..5) went down. Returns a record for the app to save, or None."""
-        if not is_int(stars) or not 1 <= stars <= 5:
+        if not _int(stars) or not 1 <= stars <= 5:
             raise ValueError("stars: not 1..5")
         self._now = now
         record = self._expire(now)
@@ -152,22 +270,37 @@ class Rating:
             if stars >= 3:
                 return self._finish(codec.KIND_VOTE, stars, [], "", now)
             self.stars = stars
-            self.reasons.open(self.cat, self._staff_only())
+            self._open_reasons()
             self._enter(REASONS, now)
             return None
-        if state == REASONS:
-            action = self.reasons.key(stars)
-            if action == SUBMIT:
-                return self._finish(codec.KIND_VOTE, self.stars, self.reasons.codes(),
-                                    self.reasons.cv, now)
-            if action == BACK:
-                self.stars = 0
-                self.reasons.close()
-                self._enter(PROMPT, now)  # the prompt's ttl starts again
-                return None
-            self._enter(REASONS, now)  # the REASONS timeout measures inactivity
+        if state != REASONS:
+            self.misuse += 1
             return None
-        self.misuse += 1
+        # The reasons screen: the keys move, choose, go back or submit.
+        self._hint = None
+        count = len(self._entries)
+        if stars == KEY_UP:
+            self._cursor = (self._cursor - 1) % count
+        elif stars == KEY_DOWN:
+            self._cursor = (self._cursor + 1) % count
+        elif stars == KEY_TOGGLE:
+            picked = self._picked
+            if picked[self._cursor]:
+                picked[self._cursor] = 0
+            elif len(self._codes()) < codec.MAX_REASONS:
+                picked[self._cursor] = 1
+            else:
+                self._hint = HINT_MAX_REASONS
+        elif stars == KEY_BACK:
+            self.stars = 0
+            self._close_reasons()
+            self._enter(PROMPT, now)  # the prompt's ttl starts again
+            return None
+        elif self._codes():
+            return self._finish(codec.KIND_VOTE, self.stars, self._codes(), self._cv, now)
+        else:
+            self._hint = HINT_NEED_REASON
+        self._enter(REASONS, now)  # the REASONS timeout measures inactivity
         return None
 
     # ---- the app ------------------------------------------------------------------------
@@ -191,7 +324,7 @@ class Rating:
             self.full = True
         self.prompt = None
         self._served = None
-        self.reasons.close()
+        self._close_reasons()
         if ok and not unrated:
             self._enter(THANKS, now)
         else:
@@ -225,32 +358,66 @@ class Rating:
                 "rs": codes, "cv": cv, "w": served.get("w", ""), "sn": served.get("sn", ""),
                 "t_ms": now}
 
+    # ---- the reasons screen ---------------------------------------------------------------
+    def _open_reasons(self):
+        # Offer the catalogue's reasons (or the built-in ones), none chosen yet.
+        cat = self.cat
+        entries = cat["rs"] if cat else ()
+        cv = cat["cv"] if cat else ""
+        staff_only = self._staff_only()
+        if entries and staff_only:
+            # Acceptance of a 承诺件 rates the staff member only; a reason without an area
+            # applies to both and stays.
+            entries = [e for e in entries if e.get("a") != _AREA_ITEM]
+        if not entries:
+            entries = fallback(staff_only)
+            cv = FALLBACK_CV
+        self._close_reasons()
+        self._entries = tuple(entries)
+        self._cv = cv
+
+    def _close_reasons(self):
+        self._entries = ()
+        self._cv = ""
+        self._cursor = 0
+        self._hint = None
+        for i in range(_MAX_CATALOGUE):
+            self._picked[i] = 0
+
+    def _codes(self):
+        # Catalogue order, not the order of choosing: the same choice gives the same record.
+        out = []  # type: list[str]
+        for i in range(len(self._entries)):
+            if self._picked[i]:
+                out.append(self._entries[i]["c"])
+        return out
+
     # ---- the screen ---------------------------------------------------------------------
     def view(self) -> dict:
         """What the screen must show now; keys documented in docs/rating.md."""
         state = self.state
-        busy = state in (PROMPT, REASONS, SAVING)
+        busy = state == PROMPT or state == REASONS or state == SAVING
         left_s = None
         if state == PROMPT or state == REASONS:
             limit = self._ttl_ms if state == PROMPT else self.reasons_timeout_ms
             left = limit - self._diff(self._now, self._since)
             left_s = (left + 999) // 1000 if left > 0 else 0
-        r = self.reasons  # closed (empty) outside REASONS
         per_page = self.per_page
+        entries = self._entries  # empty outside REASONS
         return {
             "state": state,
             "ctx": self._served if busy else self.ctx,
             "prompt": self.prompt if busy else None,
             "stars": self.stars,
             "staff_only": busy and self._staff_only(),
-            "reasons": r.entries,
-            "cv": r.cv,
-            "cursor": r.cursor,
-            "selected": r.codes(),
-            "page": r.cursor // per_page,
-            "pages": (len(r.entries) + per_page - 1) // per_page,
+            "reasons": entries,
+            "cv": self._cv,
+            "cursor": self._cursor,
+            "selected": self._codes(),
+            "page": self._cursor // per_page,
+            "pages": (len(entries) + per_page - 1) // per_page,
             "per_page": per_page,
-            "hint": r.hint,
+            "hint": self._hint,
             "left_s": left_s,
             "full": self.full,
             "qr": self.qr,
@@ -258,11 +425,11 @@ class Rating:
 
     # ---- helpers ------------------------------------------------------------------------
     def _staff_only(self):
-        return self.prompt is not None and self.prompt.get("kind") == KIND_CN_ACC
+        return self.prompt is not None and self.prompt.get("kind") == _KIND_CN_ACC
 
-    def _valid(self, check, msg):
+    def _valid(self, kind, msg):
         try:
-            check(msg)
+            _check(kind, msg)
             return True
         except codec.CodecError as exc:
             self.bad += 1
