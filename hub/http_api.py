@@ -31,6 +31,7 @@ PROMPT_TTL_S = 60
 MAX_TEXT = business.MAX_TEXT
 SCREEN_W = 256    # the reference display is 256x64 (firmware/display.py)
 LINE_H = 16
+ITEM_MAX_W = 1024   # the protocol's widest bitmap: 1024 x 16 is its 2048 bytes
 BODY_MAX = 1024 * 1024   # a staff photo as base64 is the largest body
 # The largest MQTT packet the MCU evaluator takes (firmware/app.py MAX_DOWNLINK); a bigger
 # downlink is dropped there, so a catalogue must stay under it with its topic and header.
@@ -47,14 +48,14 @@ ApiError = business.RequestError
 BUSINESS = web.AppKey("pingjia.business", business.Engine)
 
 
-def _render(text, max_lines=1):
+def _render(text, max_lines=1, max_width=SCREEN_W):
     """A wire bitmap of text, or None when no font can draw it (the device shows the
-    identifier instead). Long text is cut with "…" rather than refused: the service
-    must go on."""
+    identifier instead). Text beyond max_width is cut with a visible "…" rather than
+    refused: the service must go on."""
     from . import bitmaps
 
     try:
-        return bitmaps.rasterize(text, height=LINE_H, max_width=SCREEN_W, max_lines=max_lines,
+        return bitmaps.rasterize(text, height=LINE_H, max_width=max_width, max_lines=max_lines,
                                  overflow="ellipsis").bitmap
     except bitmaps.BitmapError as exc:
         log.warning("cannot render text for a device: %s", exc)
@@ -74,9 +75,16 @@ class Downlink:
         # objects are not made to be shared between threads.
         self._lock = threading.Lock()
 
-    def render(self, text, max_lines=1):
+    def render(self, text, max_lines=1, max_width=SCREEN_W):
         with self._lock:
-            return self._render(text, max_lines)
+            if max_width == SCREEN_W:
+                return self._render(text, max_lines)
+            return self._render(text, max_lines, max_width)
+
+    def item(self, text):
+        """An item name as the device shows it: one 16 px line, as wide as the protocol
+        allows (the device scrolls what is wider than its screen, docs/screens.md)."""
+        return self.render(text, 1, ITEM_MAX_W)
 
     def ctx(self, device_id, window, staff_no, name, photo=None):
         payload = {"w": window or "", "sn": staff_no or "",
@@ -90,7 +98,7 @@ class Downlink:
 
     def prompt(self, device_id, pid, case_no, kind, n_cases, item_text, ttl=PROMPT_TTL_S):
         payload = {"pid": pid, "case": case_no or "", "kind": kind, "n": n_cases,
-                   "item": self.render(item_text, max_lines=2) if item_text else None,
+                   "item": self.item(item_text) if item_text else None,
                    "ttl": ttl, "t": int(self.clock())}
         self.publish("pj/%s/dn/prompt" % device_id, json.dumps(payload), qos=1)
         return payload

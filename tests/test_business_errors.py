@@ -183,7 +183,7 @@ def test_a_busy_device_is_409_and_the_prompt_on_screen_goes_on(hall):
     assert "busy" in answer["error"]
     assert hall.stage("E-2", "ji", hall.tokens["queue"])["status"] == "refused"
     assert hall.state(D1) == "PROMPT"
-    assert hall.shows(D1, hall.rendered("不动产登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("不动产登记")) == (0, 0)
     hall.press(D1, 5)
     hall.wait_stage("E-1", "ji", "voted", hall.tokens["queue"])
     # Right after a vote the device thanks the citizen for a moment; the hub asks again

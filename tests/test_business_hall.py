@@ -271,9 +271,13 @@ class BusinessHall:
         self.run(self.fleet.kill(device_id))
 
     # -- what the hub renders ------------------------------------------------------------------
-    def rendered(self, text, max_lines=1):
-        """The bitmap the hub sends for this text, as rows."""
-        return rows_of_bitmap(self.hub.downlink.render(text, max_lines))
+    def rendered(self, text):
+        """The bitmap the hub sends for this name or label, as rows."""
+        return rows_of_bitmap(self.hub.downlink.render(text))
+
+    def item(self, text):
+        """The bitmap the hub sends for this item name, as rows."""
+        return rows_of_bitmap(self.hub.downlink.item(text))
 
     # -- the province --------------------------------------------------------------------------
     def province_records(self):

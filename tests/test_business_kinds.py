@@ -7,7 +7,7 @@
 import pytest
 
 import ui_text as T
-from hub import business, policy
+from hub import bitmaps, business, policy
 from test_business_hall import BusinessHall, CallbackSink, find, rows_of_ui, wait_for
 
 pytestmark = pytest.mark.xdist_group("business_kinds")
@@ -58,7 +58,7 @@ def test_a_ji_service_shows_item_and_staff_and_its_rating_reaches_the_province(h
                            "dept_code": "11152500MB1234567X", "kind": "ji"})
     assert answer["status"] == "shown" and answer["cases"][0]["status"] == "shown"
     hall.wait_state(D1, "PROMPT")
-    assert hall.shows(D1, hall.rendered("营业执照变更登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("营业执照变更登记")) == (0, 0)
     assert hall.shows(D1, hall.rendered("乌日娜"))
     hall.press(D1, 4)
     stage = hall.wait_stage("JI-1", "ji", "voted", hall.token)
@@ -73,6 +73,23 @@ def test_a_ji_service_shows_item_and_staff_and_its_rating_reaches_the_province(h
     # The business system was told, signed with its token.
     event = wait_for(lambda: outcome_callbacks(hall, "JI-1"), 20, "outcome callback")[0]
     assert event["cases"][0]["status"] == "voted" and event["cases"][0]["stars"] == 4
+
+
+def test_a_long_item_name_scrolls_on_the_device_and_nothing_is_cut(hall):
+    rest(hall)
+    name = "国有建设用地使用权及房屋所有权首次登记（不动产登记）"
+    assert bitmaps.rasterize(name, max_width=1024).cut == 0
+    item = hall.item(name)
+    assert len(item) == 16 and len(item[0]) > 256   # one line, wider than the screen
+    prompt(hall, {"case_no": "LONG-1", "task_name": name, "kind": "ji"})
+    hall.wait_state(D1, "PROMPT")
+    # It rests at its start, glides left, rests at its end: every column is shown.
+    assert hall.shows(D1, [row[:256] for row in item], timeout=20) == (0, 0)
+    assert hall.shows(D1, [row[-256:] for row in item], timeout=20) == (0, 0)
+    hall.press(D1, 5)
+    stage = hall.wait_stage("LONG-1", "ji", "voted", hall.token)
+    record = hall.wait_province([stage["record"]["vote_id"]])[stage["record"]["vote_id"]]
+    assert record["taskName"] == name
 
 
 def test_cn_acceptance_rates_only_the_staff_and_delivery_is_a_stage_of_its_own(hall):
@@ -125,7 +142,7 @@ def test_batch_business_one_rating_covers_every_case_of_the_visit(hall):
     assert [c["status"] for c in answer["cases"]] == ["shown"] * 3
     hall.wait_state(D1, "PROMPT")
     assert hall.shows(D1, rows_of_ui(T.BATCH_OPEN)) and hall.shows(D1, rows_of_ui(T.BATCH_CLOSE))
-    assert hall.shows(D1, hall.rendered("机动车注册登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("机动车注册登记")) == (0, 0)
     hall.press(D1, 5)
     stages = [hall.wait_stage(c, "ji", "voted", hall.token) for c in ("B-1", "B-2", "B-3")]
     assert all(s["stars"] == 5 for s in stages)
@@ -148,7 +165,7 @@ def test_themed_business_rated_overall_gives_every_linked_item_the_rating(hall):
              {"case_no": "TH-3", "task_code": "Q-3", "task_name": "发票申领"}]
     prompt(hall, {"mode": "overall", "theme": "开办企业一件事", "cases": items, "kind": "ji"})
     hall.wait_state(D1, "PROMPT")
-    assert hall.shows(D1, hall.rendered("开办企业一件事", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("开办企业一件事")) == (0, 0)
     hall.press(D1, 3)
     stages = [hall.wait_stage(i["case_no"], "ji", "voted", hall.token) for i in items]
     assert [s["stars"] for s in stages] == [3, 3, 3]
@@ -167,21 +184,21 @@ def test_themed_business_per_item_shows_each_item_after_the_one_before(hall):
     answer = prompt(hall, {"mode": "per_item", "cases": items, "kind": "ji", "ttl": 30})
     assert [c["status"] for c in answer["cases"]] == ["shown", "queued", "queued"]
     hall.wait_state(D1, "PROMPT")
-    assert hall.shows(D1, hall.rendered("社会保险登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("社会保险登记")) == (0, 0)
     # While the visit lasts the device is taken.
     busy = prompt(hall, {"case_no": "OTHER-1", "kind": "ji"}, expect=409)
     assert busy["status"] == "busy" and "per-item" in busy["error"]
     hall.press(D1, 5)
     hall.wait_stage("PI-2", "ji", "shown", hall.token, timeout=30)
     hall.wait_state(D1, "PROMPT")
-    assert hall.shows(D1, hall.rendered("医疗保险登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("医疗保险登记")) == (0, 0)
     hall.press(D1, 1)
     hall.wait_state(D1, "REASONS")
     hall.press(D1, 4)   # 下
     hall.press(D1, 3)   # 选择 the second item indicator
     hall.press(D1, 1)   # 提交
     hall.wait_stage("PI-3", "ji", "shown", hall.token, timeout=30)
-    assert hall.shows(D1, hall.rendered("住房公积金登记", 2)) == (0, 0)
+    assert hall.shows(D1, hall.item("住房公积金登记")) == (0, 0)
     hall.press(D1, 4)
     stages = [hall.wait_stage(i["case_no"], "ji", "voted", hall.token) for i in items]
     assert [s["stars"] for s in stages] == [5, 1, 4]
