@@ -3,13 +3,15 @@
 The device already refuses what it can see (repeated presses, presses with no prompt, rapid
 series: docs/rating.md, "Misuse"). What only the hub can see is the pattern across votes:
 
-| kind | what | why it is suspicious |
-|---|---|---|
-| `burst` | `burst_count` top ratings within `burst_window_s` at one window | 刷好评: a run of top ratings nobody could have earned that fast |
-| `rate` | more than `rate_max` ratings from separate visits within `rate_window_s` at one window | no counter serves citizens that fast; one visit's batch or per-item ratings count once |
-| `no_prompt` | a vote answering a prompt the hub never sent to that device | nothing asked for it |
-| `before_prompt` | pressed more than `clock_slack_s` before its prompt was created | impossible in time |
-| `repeat_pid` | a second record for a prompt that already has one | one service, one rating |
+- `burst`: `burst_count` top ratings within `burst_window_s` at one window. 刷好评: a run
+  of top ratings nobody could have earned that fast.
+- `rate`: more than `rate_max` ratings from separate visits within `rate_window_s` at one
+  window. No counter serves citizens that fast; one visit's batch or per-item ratings
+  count once.
+- `no_prompt`: a vote answering a prompt the hub never sent to that device.
+- `before_prompt`: pressed more than `clock_slack_s` before its prompt was created.
+- `repeat_pid`: a second record for a prompt that already has one (one service, one
+  rating).
 
 Thresholds come from the jurisdiction profile's "suspicion" section (hub/policy.py
 SUSPICION_DEFAULTS). A flag is a row in `vote_flags` (detail, window, staff, stars, time) and
