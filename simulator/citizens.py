@@ -11,6 +11,7 @@ host time of the deciding key press, so the run can measure press-to-province la
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ KEY_SUBMIT = 1
 # Key presses closer than the rating's rapid_ms (300) are misuse; a person is slower.
 KEY_GAP_S = 0.4
 KEY_GAP_MS = 350  # enforced on the device between one citizen's deliberate presses
+# A resilient citizen takes a prompt for lost once the device has been online this long
+# after it was sent without showing it.
+LOST_PROMPT_S = 8.0
 
 TASKS = (
     ("11440000MB2C94230X", "44000012345", "居民身份证换领"),
@@ -40,6 +44,11 @@ TASKS = (
 class CitizenError(PingjiaError):
     """The hub or a device did not play its part in a visit."""
 
+    def __init__(self, message: str, http_status: int = 0, status: str = ""):
+        PingjiaError.__init__(self, message)
+        self.http_status = http_status  # 0: no answer at all (hub down)
+        self.status = status  # the hub's "status" word, e.g. "offline", "open"
+
 
 @dataclass
 class Mix:
@@ -50,6 +59,7 @@ class Mix:
     misuse: float = 0.1  # press a key while nothing is asked (before the prompt)
     think_s: tuple[float, float] = (0.3, 1.5)
     walk_away_ttl_s: int = 3  # the prompt ttl asked for walk-away visits
+    prompt_ttl_s: int | None = None  # the ttl asked for other prompts (None: the hub's)
     # How long a prompt may stay on screen if the hub does not honour the ttl asked for
     # (docs/protocol.md: the hub sets `ttl`; 60 s is its default).
     hub_ttl_s: int = 60
@@ -62,7 +72,8 @@ class Visit:
     case_no: str
     plan: str  # good | bad | walk_away
     stars: int = 0
-    pid: str = ""
+    pid: str = ""  # the prompt the citizen answered (or the last one asked for)
+    pids: list[str] = field(default_factory=list)  # every prompt asked for this visit
     offer: str = ""  # the device's answer to the prompt: shown/busy/full/bad
     pressed_ms: int = 0  # host wall clock of the key press that decided the vote
     seq: int = 0  # the device sequence number of the durable record
@@ -73,6 +84,9 @@ class Visit:
     disruptions: list[str] = field(default_factory=list)
     # The deciding press was made, then the power went before the device said thanks.
     cut_after_press: bool = False
+    renumbered: int = 0  # follow-up case numbers issued after lost prompts
+    started_ms: int = 0  # host wall clock when the citizen stepped up, and left
+    ended_ms: int = 0
 
 
 @dataclass
@@ -95,18 +109,27 @@ class HubAPI:
         self.base = base_url.rstrip("/")
         self.headers = {"Authorization": "Bearer " + token} if token else {}
 
-    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _call(self, method: str, path: str, body: dict | None = None,
+                    accept: tuple[int, ...] = ()) -> dict:
+        """The JSON answer; CitizenError for an HTTP error status not in `accept`."""
         url = self.base + path
         try:
             async with self.session.request(method, url, json=body, headers=self.headers,
-                                            timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                                            timeout=aiohttp.ClientTimeout(total=45)) as resp:
                 text = await resp.text()
-                if resp.status >= 300:
-                    raise CitizenError("%s %s: HTTP %d %s" % (method, path, resp.status, text[:200]))
                 try:
-                    return await resp.json(content_type=None) if text else {}
+                    answer = json.loads(text) if text else {}
                 except ValueError:
-                    raise CitizenError("%s %s: answer is not JSON" % (method, path))
+                    answer = None
+                if resp.status >= 300 and resp.status not in accept:
+                    status = answer.get("status", "") if isinstance(answer, dict) else ""
+                    raise CitizenError("%s %s: HTTP %d %s" % (method, path, resp.status,
+                                                              text[:200]),
+                                       resp.status, status if isinstance(status, str) else "")
+                if not isinstance(answer, dict):
+                    raise CitizenError("%s %s: answer is not a JSON object" % (method, path),
+                                       resp.status)
+                return answer
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise CitizenError("%s %s: %s" % (method, path, exc.__class__.__name__))
 
@@ -120,10 +143,14 @@ class HubAPI:
                 "task_name": task[2], "kind": kind, "n": n}
         if ttl:
             body["ttl"] = ttl
-        answer = await self._call("POST", "/api/v1/prompts", body)
+        # 409/422 with a pid: the device refused the prompt (busy, full, bad); the pid's
+        # outcome arrives at the device's side too, so the caller treats it like any offer.
+        answer = await self._call("POST", "/api/v1/prompts", body, accept=(409, 422))
         pid = answer.get("pid")
         if not isinstance(pid, str):
-            raise CitizenError("POST /api/v1/prompts: no pid in the answer")
+            status = answer.get("status")
+            raise CitizenError("POST /api/v1/prompts: refused: %s" % (
+                answer.get("error") or status), 409, status if isinstance(status, str) else "")
         return pid
 
 
@@ -226,7 +253,20 @@ class Citizens:
             try:
                 return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl)
             except CitizenError as exc:
-                # The window system keeps trying while the hub restarts.
+                if exc.status == "open":
+                    # An earlier prompt for this case was lost (the device lost power while
+                    # showing it, or the hub died before publishing it); the hub keeps such
+                    # a case blocked for its ttl plus a grace period (one service, one
+                    # rating), so the window system follows up under a new case number.
+                    visit.disruptions.append("case %s still open" % visit.case_no)
+                    visit.case_no = "%s-R%d" % (visit.case_no.split("-R")[0],
+                                                len(visit.pids) + 1 + visit.renumbered)
+                    visit.renumbered += 1
+                    continue
+                if exc.http_status and exc.http_status < 500:
+                    raise
+                # No answer (the hub restarting) or the device offline (a power or network
+                # cut): the window system keeps trying for a while.
                 if loop.time() > deadline:
                     raise
                 visit.disruptions.append("hub: " + str(exc)[:80])
@@ -237,9 +277,17 @@ class Citizens:
         self.cases += 1
         rng = self.rng_for(device_id)
         plan, stars = self.plan(rng)
-        visit = Visit(device_id, window, "SIM-%s-%05d" % (window, self.cases), plan, stars)
+        visit = Visit(device_id, window, "SIM-%s-%05d" % (window, self.cases), plan, stars,
+                      started_ms=_wall_ms())
         self.outcome.visits.append(visit)
         misuse = rng.random() < self.mix.misuse
+        try:
+            return await self._visit(visit, rng, misuse)
+        finally:
+            visit.ended_ms = _wall_ms()
+
+    async def _visit(self, visit: Visit, rng: random.Random, misuse: bool) -> Visit:
+        device_id = visit.device_id
         try:
             while True:
                 visit.attempts += 1
@@ -281,30 +329,25 @@ class Citizens:
                 await self._until(dev, boots, lambda: dev.keys_seen > seen,
                                   self.step_timeout_s, "misuse press")
             await asyncio.sleep(KEY_GAP_S)
-        ttl = self.mix.walk_away_ttl_s if visit.plan == "walk_away" else None
+        ttl = self.mix.walk_away_ttl_s if visit.plan == "walk_away" else self.mix.prompt_ttl_s
         visit.pid = pid = await self._prompt(visit, rng, ttl)
-        offer_wait = self.step_timeout_s
-        try:
-            await self._until(dev, boots, lambda: dev.offers.get(pid), offer_wait,
+        visit.pids.append(pid)
+        if self.resilient:
+            pid = await self._offer_resilient(dev, boots, visit)
+        else:
+            await self._until(dev, boots, lambda: dev.offers.get(pid), self.step_timeout_s,
                               "prompt " + pid)
-        except FleetError:
-            if not self.resilient:
-                raise
-            # Lost on the way (a broker killed before it saved its queue): ask again.
-            raise Disrupted("prompt %s never reached the device" % pid)
-        visit.offer = dev.offers[pid]
-        if visit.offer != "shown":
-            if self.resilient:
-                raise Disrupted("prompt " + visit.offer)
-            visit.error = "prompt " + visit.offer
-            return
+            visit.offer = dev.offers[pid]
+            if visit.offer != "shown":
+                visit.error = "prompt " + visit.offer
+                return
         if visit.plan != "walk_away":
             await asyncio.sleep(rng.uniform(*self.mix.think_s))
             if visit.plan == "bad":
                 await self._bad_rating(dev, boots, visit, rng)
             else:
                 await self._decide(dev, boots, visit, visit.stars)
-        wait = self.step_timeout_s + (max(ttl, self.mix.hub_ttl_s) if ttl else 0)
+        wait = self.step_timeout_s + (ttl or self.mix.hub_ttl_s)
         try:
             saved = await self._until(dev, boots, lambda: self._saved_for(dev, pid), wait,
                                       "durable record for " + pid)
@@ -314,6 +357,40 @@ class Citizens:
             raise
         visit.seq = saved.seq
         visit.kind = saved.kind
+
+    async def _offer_resilient(self, dev, boots: int, visit: Visit) -> str:
+        """Wait until the device shows one of this visit's prompts; returns its pid.
+
+        A prompt of an earlier attempt that arrives late (it sat in the broker while the
+        device was away) is as good as the newest: the citizen rates whichever is on
+        screen. A prompt counts as lost once the device has been online for a while
+        without showing it (a hub killed before it published, a broker killed before
+        it saved); then the visit is disrupted and tried again."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        mine = set(visit.pids)
+
+        def shown():
+            if dev.state in ("PROMPT", "REASONS") and dev.state_pid in mine:
+                return dev.state_pid
+            if dev.offers.get(visit.pid) in ("busy", "full", "bad"):
+                return "refused"
+            # Online and settled for a while, and still nothing: lost on the way.
+            now = loop.time()
+            if dev.connected and now - max(sent, dev.connected_at) > LOST_PROMPT_S:
+                return "lost"
+            return None
+
+        found = await self._until(dev, boots, shown, self.fault_wait_s, "prompt " + visit.pid)
+        if found == "refused":
+            # Busy with a prompt that is not ours, or full: wait for rest and ask again.
+            visit.offer = dev.offers.get(visit.pid, "")
+            raise Disrupted("prompt " + visit.offer)
+        if found == "lost":
+            raise Disrupted("prompt %s never reached the device" % visit.pid)
+        visit.offer = "shown"
+        visit.pid = found
+        return found
 
     async def _decide(self, dev, boots: int, visit: Visit, key: int) -> None:
         """The press that makes the record: its time is the vote's latency start."""

@@ -24,49 +24,104 @@ def _register_province():
 _register_province()
 
 
-@sim.command("run")
-@click.option("--devices", default=20, show_default=True, type=click.IntRange(1, 500),
-              help="Simulated evaluators, one per window (W001…).")
-@click.option("--votes", default=60, show_default=True, type=click.IntRange(0),
-              help="Citizen visits in total, spread over the windows.")
-@click.option("--heap", default="64wK", show_default=True,
-              help="MicroPython heap per device (-X heapsize; 64wK = 64 KB of 32-bit words).")
-@click.option("--seed", type=int, help="Random seed for citizens (printed in the summary).")
-@click.option("--deadline", default=300.0, show_default=True, type=click.FloatRange(1),
-              help="Seconds until the run gives up waiting for the province.")
-@click.option("--hub-config", type=click.Path(exists=True, dir_okay=False),
-              help="Use the hub running with this hub.toml instead of starting one.")
-@click.option("--province-url", help="Use this running provincial receiver (base URL).")
-@click.option("--workdir", type=click.Path(file_okay=False),
-              help="Folder for the run (default: a temporary one, removed after a good run).")
-@click.option("--keep", is_flag=True, help="Keep the work folder after a good run.")
-@click.option("--no-forgeries", is_flag=True, help="Do not inject forged and replayed votes.")
-@click.option("--bad", "bad_share", default=0.15, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of citizens who rate 1-2 stars and choose reasons.")
-@click.option("--walk-away", "walk_share", default=0.05, show_default=True,
-              type=click.FloatRange(0, 1), help="Share of citizens who leave without rating.")
-@click.option("--misuse", "misuse_share", default=0.1, show_default=True,
-              type=click.FloatRange(0, 1), help="Share of visits with stray key presses first.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the summary as one JSON object on the last line.")
-def sim_run(devices, votes, heap, seed, deadline, hub_config, province_url, workdir, keep,
-            no_forgeries, bad_share, walk_share, misuse_share, as_json):
-    """Run a simulated hall end to end and check every vote reached the province once."""
-    from simulator.citizens import Mix
-    from simulator.run import Options, format_summary, run
+def hall_options(f):
+    """The options `sim run` and `sim chaos` share."""
+    options = [
+        click.option("--devices", default=20, show_default=True, type=click.IntRange(1, 1000),
+                     help="Simulated evaluators, one per window (W001…)."),
+        click.option("--votes", default=60, show_default=True, type=click.IntRange(0),
+                     help="Citizen visits in total, spread over the windows."),
+        click.option("--heap", default="64wK", show_default=True,
+                     help="MicroPython heap per device (-X heapsize; 64wK = 64 KB of "
+                          "32-bit words)."),
+        click.option("--seed", type=int,
+                     help="Random seed for citizens (and faults); printed in the summary."),
+        click.option("--deadline", default=None, type=click.FloatRange(1),
+                     help="Seconds until the run gives up waiting for the province "
+                          "[default: 300, chaos 600]."),
+        click.option("--hub-config", type=click.Path(exists=True, dir_okay=False),
+                     help="Use the hub running with this hub.toml instead of starting one."),
+        click.option("--province-url", help="Use this running provincial receiver (base URL)."),
+        click.option("--workdir", type=click.Path(file_okay=False),
+                     help="Folder for the run (default: a temporary one, removed after a "
+                          "good run)."),
+        click.option("--keep", is_flag=True, help="Keep the work folder after a good run."),
+        click.option("--no-forgeries", is_flag=True,
+                     help="Do not inject forged and replayed votes."),
+        click.option("--bad", "bad_share", default=0.15, show_default=True,
+                     type=click.FloatRange(0, 1),
+                     help="Share of citizens who rate 1-2 stars and choose reasons."),
+        click.option("--walk-away", "walk_share", default=0.05, show_default=True,
+                     type=click.FloatRange(0, 1),
+                     help="Share of citizens who leave without rating."),
+        click.option("--misuse", "misuse_share", default=0.1, show_default=True,
+                     type=click.FloatRange(0, 1),
+                     help="Share of visits with stray key presses first."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the summary as one JSON object on the last line."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    if bad_share + walk_share > 1:
+
+def _options(params, default_deadline):
+    from simulator.citizens import Mix
+    from simulator.run import Options
+
+    if params["bad_share"] + params["walk_share"] > 1:
         raise click.BadParameter("--bad and --walk-away together exceed 1")
-    opts = Options(devices=devices, votes=votes, heap=heap, seed=seed, deadline_s=deadline,
-                   hub_config=hub_config, province_url=province_url, workdir=workdir,
-                   keep=keep, forged=not no_forgeries,
-                   mix=Mix(bad=bad_share, walk_away=walk_share, misuse=misuse_share))
-    live = not as_json and sys.stderr.isatty()
-    say = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    summary = run(opts, say=say, live=live)
+    return Options(devices=params["devices"], votes=params["votes"], heap=params["heap"],
+                   seed=params["seed"], deadline_s=params["deadline"] or default_deadline,
+                   hub_config=params["hub_config"], province_url=params["province_url"],
+                   workdir=params["workdir"], keep=params["keep"],
+                   forged=not params["no_forgeries"],
+                   mix=Mix(bad=params["bad_share"], walk_away=params["walk_share"],
+                           misuse=params["misuse_share"]))
+
+
+def _report(summary, as_json):
+    from simulator.run import format_summary
+
     if as_json:
         click.echo(json.dumps(summary, ensure_ascii=False))
     else:
         click.echo(format_summary(summary))
     if not summary["ok"]:
         raise click.exceptions.Exit(1)
+
+
+def _voices(as_json):
+    live = not as_json and sys.stderr.isatty()
+    say = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    return say, live
+
+
+@sim.command("run")
+@hall_options
+def sim_run(**params):
+    """Run a simulated hall end to end and check every vote reached the province once."""
+    from simulator.run import run
+
+    opts = _options(params, 300.0)
+    say, live = _voices(params["as_json"])
+    _report(run(opts, say=say, live=live), params["as_json"])
+
+
+@sim.command("chaos")
+@hall_options
+@click.option("--faults", "kinds", default="power,network,broker,hub,province",
+              show_default=True, metavar="KINDS",
+              help="Comma-separated fault kinds: power, network, broker, hub, province "
+                   "(or 'all').")
+@click.option("--fault-every", default=3.0, show_default=True, type=click.FloatRange(0.1),
+              help="Mean seconds between injected faults.")
+def sim_chaos(kinds, fault_every, **params):
+    """A simulated hall under faults (power cuts, network cuts, broker and hub kills,
+    province outages); afterwards every durable vote must be at the province once."""
+    from simulator.chaos import ChaosOptions, parse_kinds, run
+
+    opts = _options(params, 600.0)
+    chaos = ChaosOptions(kinds=parse_kinds(kinds), every_s=fault_every)
+    say, live = _voices(params["as_json"])
+    _report(run(opts, chaos, say=say, live=live), params["as_json"])

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,6 +66,7 @@ class Device:
     state: str | None = None
     state_pid: str | None = None
     connected: bool = False  # MQTT session up (from the app's "conn" event)
+    connected_at: float = 0.0  # host monotonic time of the last "conn" event
     heap_live_max: int = 0  # highest live heap (after a collection) the device reported
     heap_size: int = 0
     mem_peak: int = 0  # micropython.mem_peak(): counts garbage, an upper bound only
@@ -91,8 +93,11 @@ class Device:
 
 
 def _now_ms() -> int:
-    import time
     return int(time.time() * 1000)
+
+
+def _monotonic() -> float:
+    return time.monotonic()
 
 
 class Fleet:
@@ -270,6 +275,7 @@ class Fleet:
             dev.keys_seen += 1
         elif e == "conn":
             dev.connected = bool(msg.get("up"))
+            dev.connected_at = _monotonic()
         elif e in ("stats", "heap"):
             dev.heap_live_max = max(dev.heap_live_max, msg.get("live_max") or 0)
             dev.heap_size = msg.get("size") or dev.heap_size

@@ -43,7 +43,7 @@ class LinkCounters:
     bytes_down: int = 0  # broker -> device
 
 
-@dataclass
+@dataclass(eq=False)  # identity: pipes live in a set
 class _Pipe:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None

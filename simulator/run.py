@@ -517,6 +517,14 @@ class Session:
         hub_status = await _hub_status(self.http, self.hall.http_url)
         return pstats, hub_status
 
+    def write_visits(self, visits: list[Visit]) -> None:
+        """visits.jsonl in the work folder: one line per visit, for reading a failed run."""
+        from dataclasses import asdict
+
+        with open(os.path.join(self.workdir, "visits.jsonl"), "w") as f:
+            for visit in visits:
+                f.write(json.dumps(asdict(visit), ensure_ascii=False) + "\n")
+
     def progress(self, citizens: Citizens | None, phase: str, total: int | None) -> Progress:
         durable = _durable_ids(self.fleet)
         reported = [s for s in durable.values() if s.reported]
@@ -571,6 +579,7 @@ async def _run(opts: Options, workdir: str, say: Callable[[str], None], live: Li
         await session.drain(deadline, show)
         pstats, hub_status = await session.gather_counters()
         live.end()
+        session.write_visits(citizens.outcome.visits)
         return _summary(opts, fleet, citizens.outcome.visits, province, pstats, hub_status,
                         forgeries, time.monotonic() - session.started,
                         time.monotonic() <= deadline, hall)
