@@ -161,6 +161,7 @@ def test_a_device_never_switched_on_or_offline_is_503_and_nothing_is_sent(hall):
     hall.run(hall.fleet.spawn(D1))
     hall.wait_online(D1)
     hall.wait_state(D1, "IDLE")   # the retained ctx: who is signed in, after the reboot
+    assert hall.shows(D1, hall.rendered("李娜"))
     status, answer = call(hall, "POST", "/api/v1/prompts",
                           {"window": W1, "case_no": "O-2", "task_name": "社保卡补办"})
     assert status == 201, answer
