@@ -1,7 +1,8 @@
 # MQTT 3.1.1 client for the counter device: asyncio, QoS 0 and 1, bounded memory.
 # The same file runs on MicroPython's asyncio (the device imports it as `mqtt`) and on
-# CPython's asyncio. The top half is pure packet encoders/decoders (byte-exact, no socket);
-# the bottom half is MQTTClient, which keeps one link to the broker alive for ever.
+# CPython's asyncio. The top half is the packet encoders and the PUBLISH decoder (byte-exact,
+# no socket); the bottom half is MQTTClient, which keeps one link to the broker alive for
+# ever and reads the broker's other packets itself.
 #
 # Deliberately missing (docs/mqtt.md): no outgoing queue and no persistence -- the device's
 # vote journal is the queue and the hub's application-level ack is what trims it -- and no
@@ -9,17 +10,18 @@
 # later from its own durable copy, so the hub may see duplicates, which it absorbs because
 # a vote's identity is (device, seq).
 #
-# Written for a 64 KB heap: every module-level name, method and attribute costs the device
-# heap, so small helpers are inlined, packet types are compile-time constants, and the only
-# buffer is the receive buffer allocated once in the constructor.
+# Written for a 64 KB heap: every module-level name, function, method, attribute and long
+# string costs the device heap, so helpers used once are inlined, packet types are
+# compile-time constants, the broker's half of the protocol lives in the tests, and the
+# only buffer is the receive buffer allocated once in the constructor.
 import asyncio
 import errno
+from random import getrandbits
 
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(value):  # type: ignore[misc]
-        return value
+    const = int  # type: ignore[assignment]  # every constant here is an int
 
 try:
     from time import ticks_diff, ticks_ms
@@ -31,12 +33,6 @@ except ImportError:  # CPython has no ticks; a monotonic clock in ms does the sa
 
     def ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
-
-try:
-    from random import getrandbits
-except ImportError:  # a MicroPython build without random: no jitter beats no client
-    def getrandbits(bits):  # type: ignore[misc]
-        return (ticks_ms() * 2654435761 >> 7) & ((1 << bits) - 1)  # type: ignore[operator]
 
 try:
     _sleep_ms = asyncio.sleep_ms  # MicroPython: no float (a heap object) per sleep
@@ -72,13 +68,13 @@ class MalformedPacket(MQTTError):
 
 
 # ---------------------------------------------------------------------------------------
-# Encoders and decoders. Encoders return bytes; decoders take the body (what follows the
-# remaining length) as bytes, bytearray or memoryview and raise MalformedPacket.
+# Encoders return bytes and raise MQTTError naming the bad argument; decode_publish takes
+# the body (what follows the remaining length) and raises MalformedPacket.
 
 def encode_length(value):
     """The remaining-length varint: 7 bits a byte, low group first, top bit = more."""
     if value < 0 or value > _MAX_REMAINING:
-        raise MQTTError("remaining length out of range")
+        raise MQTTError("length")
     out = bytearray()
     while True:
         digit = value & 0x7F
@@ -89,19 +85,6 @@ def encode_length(value):
         out.append(digit | 0x80)
 
 
-def decode_length(buf, offset=0):
-    """Return (remaining length, offset just after it)."""
-    value = 0
-    for i in range(4):
-        if offset + i >= len(buf):
-            raise MalformedPacket("truncated remaining length")
-        digit = buf[offset + i]
-        value |= (digit & 0x7F) << (7 * i)
-        if not digit & 0x80:
-            return value, offset + i + 1
-    raise MalformedPacket("remaining length longer than 4 bytes")
-
-
 def _raw(value):
     if isinstance(value, str):
         return value.encode()
@@ -109,21 +92,21 @@ def _raw(value):
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
-    raise MQTTError("expected str or bytes")  # bytes(5) would quietly send 5 zero bytes
+    raise MQTTError("payload")  # bytes(5) would quietly send 5 zero bytes
 
 
 def _string(value):
     # A length-prefixed field; 65535 bytes at most.
     raw = _raw(value)
     if len(raw) > 65535:
-        raise MQTTError("field longer than 65535 bytes")
+        raise MQTTError("length")
     return bytes((len(raw) >> 8, len(raw) & 0xFF)) + raw
 
 
 def _pid16(pid):
     # A packet id (1..65535) as its two bytes.
     if not isinstance(pid, int) or pid < 1 or pid > 65535:
-        raise MQTTError("packet id must be 1..65535")
+        raise MQTTError("packet id")
     return bytes((pid >> 8, pid & 0xFF))
 
 
@@ -131,19 +114,19 @@ def check_topic(topic):
     """A topic to publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
     if (not isinstance(topic, str) or not topic or "+" in topic or "#" in topic
             or "\x00" in topic):
-        raise MQTTError("topic empty or with a wildcard or NUL")
+        raise MQTTError("topic")
     return topic
 
 
 def check_filter(topic):
     """A topic filter to subscribe to: '+' fills a whole level, '#' only as the last level."""
     if not isinstance(topic, str) or not topic or "\x00" in topic:
-        raise MQTTError("topic filter must be a non-empty str")
+        raise MQTTError("topic")
     levels = topic.split("/")
     for i, level in enumerate(levels):
         if (("#" in level and (level != "#" or i != len(levels) - 1))
                 or ("+" in level and level != "+")):
-            raise MQTTError("'#' or '+' not a whole level ('#' only last)")
+            raise MQTTError("topic")
     return topic
 
 
@@ -151,19 +134,19 @@ def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=
                    password=None):
     """CONNECT. will = (topic, payload, qos, retain)."""
     if not isinstance(keepalive, int) or keepalive < 0 or keepalive > 65535:
-        raise MQTTError("keepalive must be 0..65535 s")
+        raise MQTTError("keepalive")
     if not client_id and not clean_session:
         # 3.1.3.1: a broker rejects an empty client id with a persistent session
-        raise MQTTError("an empty client id needs clean_session")
+        raise MQTTError("client id")
     if password is not None and user is None:
-        raise MQTTError("a password needs a user name in MQTT 3.1.1")
+        raise MQTTError("user")  # MQTT 3.1.1: no password without a user name
     flags = 0x02 if clean_session else 0
     payload = _string(client_id)
     if will is not None:
         w_topic, w_payload, w_qos, w_retain = will
         check_topic(w_topic)
         if w_qos != 0 and w_qos != 1:
-            raise MQTTError("qos must be 0 or 1")
+            raise MQTTError("qos")
         flags |= 0x04 | (w_qos << 3) | (0x20 if w_retain else 0)
         payload += _string(w_topic) + _string(w_payload)
     if user is not None:
@@ -176,13 +159,6 @@ def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=
     return bytes((_CONNECT,)) + encode_length(len(body)) + body
 
 
-def decode_connack(body):
-    """CONNACK body -> (session_present, return code)."""
-    if len(body) != 2 or body[0] & 0xFE:
-        raise MalformedPacket("bad CONNACK")
-    return bool(body[0] & 1), body[1]
-
-
 def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
     """Everything of a PUBLISH before the payload, so a payload is sent without a copy."""
     check_topic(topic)
@@ -190,70 +166,34 @@ def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
     if qos == 1:
         var += _pid16(pid)
     elif qos != 0:
-        raise MQTTError("qos must be 0 or 1")
+        raise MQTTError("qos")
     elif pid or dup:
-        raise MQTTError("a qos 0 publish has no packet id and no DUP")
+        raise MQTTError("packet id")  # a qos 0 publish has no packet id and no DUP
     first = _PUBLISH | (qos << 1) | (_DUP if dup else 0) | (_RETAIN if retain else 0)
     return bytes((first,)) + encode_length(len(var) + payload_len) + var
-
-
-def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
-    payload = _raw(payload)
-    return publish_header(topic, len(payload), qos, retain, dup, pid) + payload
 
 
 def decode_publish(first, body):
     """PUBLISH -> (topic, payload, qos, retain, dup, pid); pid is 0 for qos 0."""
     qos = (first >> 1) & 3
-    if first & 0xF0 != _PUBLISH or qos == 3:
-        raise MalformedPacket("bad PUBLISH flags")
     size = len(body)
     start = 2 + ((body[0] << 8) | body[1] if size >= 2 else size)
     pos = start + (2 if qos else 0)
-    if pos > size:
-        raise MalformedPacket("PUBLISH header runs past the end of the packet")
-    try:
-        topic = bytes(body[2:start]).decode()
-    except UnicodeError:
-        raise MalformedPacket("topic is not UTF-8")
+    topic = None
+    if first & 0xF0 == _PUBLISH and qos != 3 and pos <= size:
+        try:
+            topic = bytes(body[2:start]).decode()
+        except UnicodeError:
+            pass
     if not topic or "+" in topic or "#" in topic:
-        raise MalformedPacket("bad PUBLISH topic")
+        # bad flags, a header running past the end, a topic that is not UTF-8 or not one
+        raise MalformedPacket("PUBLISH")
     pid = 0
     if qos:
         pid = (body[start] << 8) | body[start + 1]
         if not pid:
-            raise MalformedPacket("packet id 0")
+            raise MalformedPacket("packet id")
     return topic, bytes(body[pos:]), qos, bool(first & _RETAIN), bool(first & _DUP), pid
-
-
-def puback_packet(pid):
-    return bytes((_PUBACK, 2)) + _pid16(pid)
-
-
-def decode_pid(body):
-    """PUBACK (or any body that is just a packet id) -> pid."""
-    if len(body) != 2 or not (body[0] or body[1]):
-        raise MalformedPacket("bad packet id body")
-    return (body[0] << 8) | body[1]
-
-
-def subscribe_packet(pid, topic, qos=1):
-    """SUBSCRIBE to one topic filter."""
-    check_filter(topic)
-    if qos != 0 and qos != 1:
-        raise MQTTError("qos must be 0 or 1")
-    body = _pid16(pid) + _string(topic) + bytes((qos,))
-    return bytes((_SUBSCRIBE,)) + encode_length(len(body)) + body
-
-
-def decode_suback(body):
-    """SUBACK body -> (pid, [return code per filter]); 0x80 means refused."""
-    if len(body) < 3:
-        raise MalformedPacket("bad SUBACK")
-    for code in body[2:]:
-        if code > 2 and code != SUB_REFUSED:
-            raise MalformedPacket("bad SUBACK return code")
-    return decode_pid(body[:2]), list(body[2:])
 
 
 def _why(exc):
@@ -280,7 +220,7 @@ class MQTTClient:
                  on_connect=None, open_connection=None, backoff_max_ms=30000,
                  ack_timeout_ms=10000):
         if max_packet < _MIN_PACKET:
-            raise MQTTError("max_packet below 64 bytes")
+            raise MQTTError("max_packet")
         # Built once: it is the same bytes on every connect, and bad arguments fail here.
         self._connect_pkt = connect_packet(client_id, keepalive, clean_session, will, user,
                                            password)
@@ -294,8 +234,7 @@ class MQTTClient:
         self._backoff_max = backoff_max_ms
         self._ack_ms = ack_timeout_ms
         # The one receive buffer: allocated here, reused for every incoming packet.
-        self._buf = bytearray(max_packet)
-        self._mv = memoryview(self._buf)
+        self._mv = memoryview(bytearray(max_packet))
         self._mv1 = self._mv[:1]
         self._reader = None
         self._writer = None
@@ -348,8 +287,38 @@ class MQTTClient:
                     if ever:
                         self.reconnects += 1
                     ever = True
+                    gen = self._gen
                     try:
-                        await self._linked(self._gen)
+                        # While the link lives: on_connect, then the keepalive duty.
+                        if self._on_connect is not None:
+                            try:
+                                await self._on_connect(self)
+                            except OSError as exc:  # the link broke while re-subscribing
+                                self._fail(exc, gen)
+                        ka = self._ka_ms
+                        half = ka // 2
+                        tick = min(max(ka // 8, 50), 1000)
+                        last = ticks_ms()
+                        while self._link_ok and gen == self._gen:
+                            await _sleep_ms(_POLL_MS)
+                            now = ticks_ms()
+                            if not ka or ticks_diff(now, last) < tick:
+                                continue
+                            last = now
+                            silent = ticks_diff(now, self._last_rx)
+                            if silent >= ka + half:
+                                self._fail("broker silent for 1.5 x keepalive", gen)
+                            # Ping when we have been quiet (the broker needs a packet within
+                            # keepalive) or the broker has (a ping forces an answer that
+                            # proves the link lives).
+                            elif (ticks_diff(now, self._last_tx) >= half
+                                  or (silent >= half
+                                      and ticks_diff(now, self._last_ping) >= half)):
+                                self._last_ping = now
+                                try:
+                                    await self._send(b"\xc0\x00", None, gen)  # PINGREQ
+                                except OSError:
+                                    pass  # _send has failed the link
                     finally:
                         self._end_link()
                     # A link that stayed up a while was a real recovery; one that died at
@@ -372,36 +341,6 @@ class MQTTClient:
         finally:  # also when the caller cancels run(): never leave a socket behind
             self._end_link()
 
-    async def _linked(self, gen):
-        # While one link lives: on_connect, then the keepalive duty until the link fails.
-        if self._on_connect is not None:
-            try:
-                await self._on_connect(self)
-            except OSError as exc:  # the link broke while re-subscribing
-                self._fail(exc, gen)
-        ka = self._ka_ms
-        half = ka // 2
-        tick = min(max(ka // 8, 50), 1000)
-        last = ticks_ms()
-        while self._link_ok and gen == self._gen:
-            await _sleep_ms(_POLL_MS)
-            now = ticks_ms()
-            if not ka or ticks_diff(now, last) < tick:
-                continue
-            last = now
-            try:
-                silent = ticks_diff(now, self._last_rx)
-                if silent >= ka + half:
-                    raise OSError(errno.ETIMEDOUT, "broker silent for 1.5 x keepalive")
-                # Ping when we have been quiet (the broker needs a packet within keepalive)
-                # or the broker has (a ping forces an answer that proves the link lives).
-                if (ticks_diff(now, self._last_tx) >= half
-                        or (silent >= half and ticks_diff(now, self._last_ping) >= half)):
-                    self._last_ping = now
-                    await self._send(b"\xc0\x00", None, gen)  # PINGREQ
-            except Exception as exc:  # noqa: BLE001
-                self._fail(exc, gen)
-
     async def publish(self, topic, payload, qos=0, retain=False):
         """Send one message. qos 1 returns once PUBACKed; OSError if the link drops first."""
         check_topic(topic)
@@ -413,7 +352,7 @@ class MQTTClient:
                              self._gen)
             return
         if qos != 1:
-            raise MQTTError("qos must be 0 or 1")
+            raise MQTTError("qos")
         gen = await self._take()
         try:
             self._pid = pid = self._pid % 65535 + 1
@@ -433,14 +372,16 @@ class MQTTClient:
 
     async def subscribe(self, topic, qos=1):
         """Subscribe to one filter; returns the granted qos, or SUB_REFUSED (0x80)."""
-        check_filter(topic)
+        body = _string(check_filter(topic))
         if qos != 0 and qos != 1:
-            raise MQTTError("qos must be 0 or 1")
+            raise MQTTError("qos")
+        body += bytes((qos,))
         gen = await self._take()
         try:
             self._pid = pid = self._pid % 65535 + 1
             self._wait = (_SUBACK << 16) | pid
-            await self._send(subscribe_packet(pid, topic, qos), None, gen)
+            body = _pid16(pid) + body
+            await self._send(bytes((_SUBSCRIBE,)) + encode_length(len(body)) + body, None, gen)
             if not await self._wait_ack(gen):
                 # SUBSCRIBE cannot be resent with DUP; a broker this slow is as good as gone.
                 exc = OSError(errno.ETIMEDOUT, "no SUBACK")
@@ -498,13 +439,15 @@ class MQTTClient:
         self._link_ok = True
         self._last_rx = self._last_tx = self._last_ping = ticks_ms()
         await self._send(self._connect_pkt, None, gen)
+        body = self._mv[:2]
         if await self._within(self._read_fixed_header()) != (_CONNACK, 2):
             raise MalformedPacket("expected CONNACK")
-        body = self._mv[:2]
         await self._within(self._fill(body))
-        self.session_present, code = decode_connack(body)
-        if code:
-            raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % code)
+        if body[0] & 0xFE:  # only the session-present bit may be set
+            raise MalformedPacket("bad CONNACK")
+        self.session_present = bool(body[0])
+        if body[1]:
+            raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % body[1])
         self._connected = True
         self._rx_task = asyncio.create_task(self._rx_loop(gen))
 
@@ -604,7 +547,7 @@ class MQTTClient:
         raise OSError(errno.EIO, "remaining length longer than 4 bytes")
 
     async def _rx_loop(self, gen):
-        buf = self._buf
+        buf = self._mv
         size = len(buf)
         try:
             while True:
@@ -626,7 +569,7 @@ class MQTTClient:
                                 pid = (buf[topic_len + 2] << 8) | buf[topic_len + 3]
                         left -= chunk
                     if pid:
-                        await self._send(puback_packet(pid), None, gen)
+                        await self._send(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)), None, gen)
                     continue
                 body = self._mv[:length]
                 await self._fill(body)
@@ -645,16 +588,18 @@ class MQTTClient:
                             # Deliver first, then PUBACK: a crash in between means
                             # redelivery, never loss. Duplicates are fine, the device
                             # logic is idempotent.
-                            await self._send(puback_packet(pid), None, gen)
-                    elif first == _PUBACK or first == _SUBACK:
-                        if first == _PUBACK:
-                            pid = decode_pid(body)
-                            code = 0
-                        else:
-                            pid, codes = decode_suback(body)
-                            code = codes[0]
+                            await self._send(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)), None,
+                                             gen)
+                    elif ((first == _PUBACK and length == 2)
+                          or (first == _SUBACK and length == 3
+                              and (body[2] <= 2 or body[2] == SUB_REFUSED))):
+                        # One packet id (not 0), and for a SUBACK one return code: we
+                        # subscribe one filter at a time.
+                        pid = (body[0] << 8) | body[1]
+                        if not pid:
+                            raise MalformedPacket("packet id")
                         if self._wait == (first << 16) | pid:
-                            self._ack_code = code
+                            self._ack_code = body[2] if first == _SUBACK else 0
                         # else: a late ack for an earlier try of the same message; harmless
                     elif first != _PINGRESP or length:
                         # (a PINGRESP needs nothing: its arrival refreshed _last_rx)

@@ -26,6 +26,7 @@ except ImportError:
         return x
 
 from display import blit, width
+from evaluator.rating import FALLBACK_CODES, HINT_MAX_REASONS, HINT_NEED_REASON
 from ui_text import TEXTS
 
 # Indices into ui_text.TEXTS (build_ui.STRINGS order, then the built-in reasons);
@@ -69,8 +70,6 @@ _scroll = [None, 0, None, 0]
 # Label widths and positions over the keys, filled in place.
 _WIDTHS = [0] * _KEYS
 _XS = [0] * _KEYS
-# Codes of the built-in reasons (evaluator/rating.py FALLBACK_CODES), in ui_text order.
-_BUILTIN = ("PJ01", "PJ02", "PJ03", "PJ04", "PJ05", "PJ06")
 # A 9x9 star in the device bitmap form.
 _STAR = b"\x08\x00\x08\x00\x1c\x00\xff\x80\x7f\x00\x3e\x00\x3e\x00\x63\x00\x41\x00\x09\x00\x09"
 
@@ -341,8 +340,8 @@ def draw_reasons(fb, view, now):
         if on:
             fb.fill_rect(0, y, list_w, _ROW, 1)
         bm = entry.get("bm")
-        if bm is None and code in _BUILTIN:  # a built-in reason: its label from ui_text
-            bm = TEXTS[_T_REASON_PJ01 + _BUILTIN.index(code)]
+        if bm is None and code in FALLBACK_CODES:  # a built-in reason: its ui_text label
+            bm = TEXTS[_T_REASON_PJ01 + FALLBACK_CODES.index(code)]
         w = width(bm) if bm is not None else 8 * len(code)
         off = 0
         if on and w > room:
@@ -367,8 +366,8 @@ def draw_reasons(fb, view, now):
             fb.fill_rect(6, y + 5, _BOX - 4, _BOX - 4, 1 - paper)
     pages = view.get("pages") or 0
     hint = view.get("hint")
-    shown = _T_NEED_REASON if hint == "need_reason" else (
-        _T_MAX_REASONS if hint == "max_reasons" else -1)
+    shown = _T_NEED_REASON if hint == HINT_NEED_REASON else (
+        _T_MAX_REASONS if hint == HINT_MAX_REASONS else -1)
 
     if wide:
         px = W - _PANEL_W

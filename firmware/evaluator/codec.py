@@ -2,6 +2,7 @@
 # The canonical byte form of a vote is what the per-device HMAC-SHA256 covers; the hub
 # rebuilds it from the JSON fields, so JSON spacing or key order never matters.
 # docs/protocol.md is the specification and tests/vectors/ the test vectors.
+import binascii
 import hashlib
 import json
 
@@ -20,26 +21,33 @@ class CodecError(ValueError):
 
 
 def hmac_sha256(key, msg):
-    # MicroPython ships no hmac module; RFC 2104 over hashlib.sha256 is a few lines.
+    # MicroPython ships no hmac module; RFC 2104 over hashlib.sha256 is a few lines. The
+    # pads are filled in place: no generator and no per-byte objects on the device's heap.
     if len(key) > _BLOCK:
         key = hashlib.sha256(key).digest()
-    key = key + bytes(_BLOCK - len(key))
-    ipad = bytes(b ^ 0x36 for b in key)
-    opad = bytes(b ^ 0x5C for b in key)
-    inner = hashlib.sha256(ipad + msg).digest()
-    return hashlib.sha256(opad + inner).digest()
+    ipad = bytearray(_BLOCK)
+    opad = bytearray(_BLOCK)
+    for i in range(_BLOCK):
+        b = key[i] if i < len(key) else 0
+        ipad[i] = b ^ 0x36
+        opad[i] = b ^ 0x5C
+    inner = hashlib.sha256(ipad)
+    inner.update(msg)
+    outer = hashlib.sha256(opad)
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 def to_hex(raw):
-    return "".join("%02x" % b for b in raw)
+    return binascii.hexlify(raw).decode()
 
 
 def from_hex(text):
     if len(text) % 2:
         raise CodecError("odd-length hex")
     try:
-        return bytes(int(text[i:i + 2], 16) for i in range(0, len(text), 2))
-    except ValueError:
+        return binascii.unhexlify(text)
+    except ValueError:  # binascii.Error is a ValueError on CPython
         raise CodecError("bad hex")
 
 

@@ -79,7 +79,7 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-# ---- checks of the screen downlinks (`ctx`, `prompt`, `cat`) ------------------------------
+# ---- checks of the screen downlinks (`ctx`, `prompt`, `cat`; Rating._valid) ---------------
 # A malformed message is refused where it arrives, with a CodecError naming the field,
 # instead of breaking a screen later.
 
@@ -106,44 +106,6 @@ def _bitmap(bm, name):
     # code read past its end.
     if not isinstance(b, str) or len(b) != ((w + 7) // 8 * h + 2) // 3 * 4:
         raise codec.CodecError(name + ": bitmap data length")
-
-
-def _check(kind, msg):
-    if not isinstance(msg, dict):
-        raise codec.CodecError(kind + ": not an object")
-    if kind == "prompt":
-        codec.check_id(msg.get("pid"), "pid")
-        codec.check_id(msg.get("case", ""), "case", True)
-        if msg.get("kind") not in _KINDS:
-            raise codec.CodecError("kind: unknown")
-        n = msg.get("n", 1)
-        if not _int(n) or not 1 <= n <= _MAX_BATCH:
-            raise codec.CodecError("n: not 1..10000")
-        ttl = msg.get("ttl")
-        if ttl is not None and (not _int(ttl) or not 1 <= ttl <= _MAX_TTL_S):
-            raise codec.CodecError("ttl: not 1..3600")
-        _bitmap(msg.get("item"), "item")
-    elif kind == "ctx":
-        codec.check_id(msg.get("w", ""), "w", True)
-        codec.check_id(msg.get("sn", ""), "sn", True)
-        _bitmap(msg.get("name"), "name")
-        _bitmap(msg.get("win"), "win")
-    else:  # cat
-        codec.check_id(msg.get("cv"), "cv")
-        entries = msg.get("rs")
-        if not isinstance(entries, list) or len(entries) > _MAX_CATALOGUE:
-            raise codec.CodecError("rs: not a list of at most 16 reasons")
-        for i in range(len(entries)):
-            entry = entries[i]
-            if not isinstance(entry, dict):
-                raise codec.CodecError("rs: reason not an object")
-            code = codec.check_id(entry.get("c"), "c")
-            for j in range(i):
-                if entries[j]["c"] == code:
-                    raise codec.CodecError("c: duplicate code")
-            if entry.get("a") not in (None, _AREA_ITEM, _AREA_STAFF):
-                raise codec.CodecError("a: not item or staff")
-            _bitmap(entry.get("bm"), "bm")
 
 
 class Rating:
@@ -269,8 +231,22 @@ class Rating:
         if state == PROMPT:
             if stars >= 3:
                 return self._finish(codec.KIND_VOTE, stars, [], "", now)
+            # Offer the catalogue's reasons (or the built-in ones), none chosen yet.
             self.stars = stars
-            self._open_reasons()
+            cat = self.cat
+            entries = cat["rs"] if cat else ()
+            cv = cat["cv"] if cat else ""
+            staff_only = self._staff_only()
+            if entries and staff_only:
+                # Acceptance of a 承诺件 rates the staff member only; a reason without an
+                # area applies to both and stays.
+                entries = [e for e in entries if e.get("a") != _AREA_ITEM]
+            if not entries:
+                entries = fallback(staff_only)
+                cv = FALLBACK_CV
+            self._close_reasons()
+            self._entries = tuple(entries)
+            self._cv = cv
             self._enter(REASONS, now)
             return None
         if state != REASONS:
@@ -359,23 +335,6 @@ class Rating:
                 "t_ms": now}
 
     # ---- the reasons screen ---------------------------------------------------------------
-    def _open_reasons(self):
-        # Offer the catalogue's reasons (or the built-in ones), none chosen yet.
-        cat = self.cat
-        entries = cat["rs"] if cat else ()
-        cv = cat["cv"] if cat else ""
-        staff_only = self._staff_only()
-        if entries and staff_only:
-            # Acceptance of a 承诺件 rates the staff member only; a reason without an area
-            # applies to both and stays.
-            entries = [e for e in entries if e.get("a") != _AREA_ITEM]
-        if not entries:
-            entries = fallback(staff_only)
-            cv = FALLBACK_CV
-        self._close_reasons()
-        self._entries = tuple(entries)
-        self._cv = cv
-
     def _close_reasons(self):
         self._entries = ()
         self._cv = ""
@@ -428,13 +387,49 @@ class Rating:
         return self.prompt is not None and self.prompt.get("kind") == _KIND_CN_ACC
 
     def _valid(self, kind, msg):
+        # The checks of a `ctx`, `prompt` or `cat` downlink (docs/rating.md): False, counted,
+        # with the CodecError's message (naming the field) in `why`, for a malformed one.
         try:
-            _check(kind, msg)
-            return True
+            if not isinstance(msg, dict):
+                raise codec.CodecError(kind + ": not an object")
+            if kind == "prompt":
+                codec.check_id(msg.get("pid"), "pid")
+                codec.check_id(msg.get("case", ""), "case", True)
+                if msg.get("kind") not in _KINDS:
+                    raise codec.CodecError("kind: unknown")
+                n = msg.get("n", 1)
+                if not _int(n) or not 1 <= n <= _MAX_BATCH:
+                    raise codec.CodecError("n: not 1..10000")
+                ttl = msg.get("ttl")
+                if ttl is not None and (not _int(ttl) or not 1 <= ttl <= _MAX_TTL_S):
+                    raise codec.CodecError("ttl: not 1..3600")
+                _bitmap(msg.get("item"), "item")
+            elif kind == "ctx":
+                codec.check_id(msg.get("w", ""), "w", True)
+                codec.check_id(msg.get("sn", ""), "sn", True)
+                _bitmap(msg.get("name"), "name")
+                _bitmap(msg.get("win"), "win")
+            else:  # cat
+                codec.check_id(msg.get("cv"), "cv")
+                entries = msg.get("rs")
+                if not isinstance(entries, list) or len(entries) > _MAX_CATALOGUE:
+                    raise codec.CodecError("rs: not a list of at most 16 reasons")
+                for i in range(len(entries)):
+                    entry = entries[i]
+                    if not isinstance(entry, dict):
+                        raise codec.CodecError("rs: reason not an object")
+                    code = codec.check_id(entry.get("c"), "c")
+                    for j in range(i):
+                        if entries[j]["c"] == code:
+                            raise codec.CodecError("c: duplicate code")
+                    if entry.get("a") not in (None, _AREA_ITEM, _AREA_STAFF):
+                        raise codec.CodecError("a: not item or staff")
+                    _bitmap(entry.get("bm"), "bm")
         except codec.CodecError as exc:
             self.bad += 1
             self.why = str(exc)
             return False
+        return True
 
     def _enter(self, state, now):
         self.state = state

@@ -4,29 +4,9 @@
 import asyncio
 
 import mqtt
+from mqtt_broker import connack_packet, publish_packet, puback_packet, split_packet, suback_packet
 
 _GUARD_S = 10
-
-
-def split_packet(buf):
-    """(first byte, body, bytes used) of the first whole packet in buf, or None."""
-    if len(buf) < 2:
-        return None
-    try:
-        length, start = mqtt.decode_length(buf, 1)
-    except mqtt.MalformedPacket:  # the length bytes themselves have not all arrived
-        return None
-    if len(buf) < start + length:
-        return None
-    return buf[0], bytes(buf[start:start + length]), start + length
-
-
-def connack_packet(session_present, code):
-    return bytes((0x20, 2, 1 if session_present else 0, code))
-
-
-def suback_packet(pid, codes):
-    return bytes((0x90, 2 + len(codes), pid >> 8, pid & 0xFF)) + bytes(codes)
 
 
 class FakeLink:
@@ -191,7 +171,7 @@ def test_qos1_publish_is_resent_with_dup_until_puback_arrives():
         assert again == first | 0x08 and body2 == body
         assert client.pub_retries >= 1
         assert not pub.done()
-        link.feed(mqtt.puback_packet(1))
+        link.feed(puback_packet(1))
         await asyncio.wait_for(pub, _GUARD_S)
         # the next publish gets the next packet id and no DUP
         pub = asyncio.create_task(client.publish("pj/D1/up/vote", b"2", qos=1))
@@ -200,7 +180,7 @@ def test_qos1_publish_is_resent_with_dup_until_puback_arrives():
             if mqtt.decode_publish(first, body)[5] == 2:
                 break
         assert not first & 0x08
-        link.feed(mqtt.puback_packet(2))
+        link.feed(puback_packet(2))
         await asyncio.wait_for(pub, _GUARD_S)
         await _stop(client, task)
 
@@ -251,14 +231,14 @@ def test_incoming_qos1_publish_is_delivered_then_pubacked_duplicates_too():
         task = asyncio.create_task(client.run())
         link = await _accept(net)
         await client.connected()
-        link.feed(mqtt.publish_packet("pj/D1/dn/prompt", b'{"pid":"P1"}', qos=1, pid=7))
+        link.feed(publish_packet("pj/D1/dn/prompt", b'{"pid":"P1"}', qos=1, pid=7))
         first, body = await link.next_packet()
         assert bytes((first, len(body))) + body == b"\x40\x02\x00\x07"
         # delivered before the PUBACK was written
         assert got == [("pj/D1/dn/prompt", b'{"pid":"P1"}', False, 0)]
-        link.feed(mqtt.publish_packet("pj/D1/dn/prompt", b'{"pid":"P1"}', qos=1, pid=7,
+        link.feed(publish_packet("pj/D1/dn/prompt", b'{"pid":"P1"}', qos=1, pid=7,
                                       dup=True))
-        link.feed(mqtt.publish_packet("pj/D1/dn/ctx", b"{}", retain=True))
+        link.feed(publish_packet("pj/D1/dn/ctx", b"{}", retain=True))
         first, body = await link.next_packet()
         assert first == 0x40 and body == b"\x00\x07"
         while len(got) < 3:
@@ -280,10 +260,10 @@ def test_oversized_incoming_packet_is_discarded_counted_and_pubacked():
         task = asyncio.create_task(client.run())
         link = await _accept(net)
         await client.connected()
-        link.feed(mqtt.publish_packet("pj/D1/dn/cat", bytes(range(256)) * 3, qos=1, pid=9))
-        link.feed(mqtt.publish_packet("pj/D1/dn/time", b'{"t":1}'))
+        link.feed(publish_packet("pj/D1/dn/cat", bytes(range(256)) * 3, qos=1, pid=9))
+        link.feed(publish_packet("pj/D1/dn/time", b'{"t":1}'))
         first, body = await link.next_packet()
-        assert first == 0x40 and mqtt.decode_pid(body) == 9
+        assert first == 0x40 and body == b"\x00\x09"
         while not got:
             await asyncio.sleep(0.01)
         assert got == [b'{"t":1}']
@@ -307,11 +287,15 @@ def test_malformed_incoming_packets_are_discarded_and_counted():
         link.feed(b"\x34\x06\x00\x01a\x00\x01x")     # qos 2: never asked for
         link.feed(b"\xa2\x00")                       # a packet a broker never sends
         link.feed(b"\x41\x02\x00\x01")               # PUBACK with bad flags
-        link.feed(mqtt.publish_packet("ok", b""))
+        link.feed(b"\x40\x02\x00\x00")               # PUBACK for packet id 0
+        link.feed(b"\x40\x03\x00\x01\x00")           # PUBACK one byte too long
+        link.feed(b"\x90\x03\x00\x01\x03")           # SUBACK with return code 3
+        link.feed(b"\x90\x02\x00\x01")               # SUBACK without a return code
+        link.feed(publish_packet("ok", b""))
         while not got:
             await asyncio.sleep(0.01)
         assert got == ["ok"]
-        assert client.dropped_incoming == 5
+        assert client.dropped_incoming == 9
         assert client.isconnected() and len(net.links) == 1
         await _stop(client, task)
 
@@ -381,6 +365,38 @@ def test_refused_connections_are_retried_with_backoff_and_counted():
         assert net.links[0].closed
         assert len(net.addresses) == 4
         await _stop(client, task)
+
+    _run(scenario)
+
+
+def test_a_connack_with_reserved_bits_is_a_failed_connect():
+    async def scenario():
+        net = FakeNet()
+        client = _client(net)
+        task = asyncio.create_task(client.run())
+        link = await net.link(0)
+        await link.next_packet()
+        link.feed(b"\x20\x02\x02\x00")  # flags other than session-present set
+        await _accept(net, 1)
+        await client.connected()
+        assert client.connect_failures == 1 and not client.session_present
+        assert net.links[0].closed
+        await _stop(client, task)
+
+    _run(scenario)
+
+
+def test_caller_mistakes_raise_mqtt_error_connected_or_not():
+    async def scenario():
+        client = _client(FakeNet())
+        for call in (client.publish("a", 5),  # not 5 zero bytes
+                     client.publish("a/+", b""), client.publish("a", b"", 2),
+                     client.subscribe("a#"), client.subscribe("a", 2)):
+            try:
+                await call
+            except mqtt.MQTTError:
+                continue
+            raise AssertionError("accepted a caller mistake")
 
     _run(scenario)
 
