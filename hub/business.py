@@ -377,8 +377,8 @@ class Engine:
         self.waiting = set()   # visits whose first prompt a request handler is waiting on
         self._jurisdiction_at = 0.0
         self._refused = None   # a jurisdiction whose catalogue cannot reach the devices
+        self._failed = set()   # cases whose default rating failed (logged once, not retried)
         self._task = None
-        self.steps = 0
         if downlink is not None:
             downlink.set_catalogue(self.jurisdiction.catalogue())
 
@@ -596,7 +596,6 @@ class Engine:
     # -- one step of the engine ----------------------------------------------------------------
     def step(self):
         now = self.now()
-        self.steps += 1
         self._follow_jurisdiction()
         self._late_states(now)
         self._new_votes(now)
@@ -666,18 +665,28 @@ class Engine:
         last = int(store.get_state("business_vote_rowid", 0) or 0)
         rows = store.conn.execute("SELECT rowid AS rowid, * FROM votes WHERE rowid > ? "
                                   "ORDER BY rowid LIMIT ?", (last, VOTES_PER_STEP)).fetchall()
-        if not rows:
-            return
-        with store.transaction():
-            for row in rows:
-                vote = dict(row)
-                if store.conn.execute("SELECT 1 FROM derived_records WHERE device_id = ? AND "
-                                      "seq = ?", (vote["device_id"], vote["seq"])).fetchone():
-                    continue
-                prompt = store.prompt(vote["pid"])
-                self.checker.record(self.checker.check(vote, prompt), now)
-                self._outcome(vote, now)
-            store.set_state("business_vote_rowid", rows[-1]["rowid"])
+        for row in rows:
+            vote = dict(row)
+            try:
+                with store.transaction():
+                    if not self._is_derived_record(vote):
+                        prompt = store.prompt(vote["pid"])
+                        self.checker.record(self.checker.check(vote, prompt), now)
+                        self._outcome(vote, now)
+                    store.set_state("business_vote_rowid", vote["rowid"])
+            except Exception:
+                # One vote the flow cannot settle must not hold up every later one: it is
+                # logged, counted and passed over (the vote itself is stored and forwarded).
+                log.exception("business: vote %s:%s not settled", vote["device_id"],
+                              vote["seq"])
+                with store.transaction():
+                    store.bump("business_errors")
+                    store.set_state("business_vote_rowid", vote["rowid"])
+
+    def _is_derived_record(self, vote):
+        return self.store.conn.execute(
+            "SELECT 1 FROM derived_records WHERE device_id = ? AND seq = ?",
+            (vote["device_id"], vote["seq"])).fetchone() is not None
 
     def _outcome(self, vote, now):
         """Settle the cases a device record answers (caller holds the transaction)."""
@@ -802,23 +811,35 @@ class Engine:
             return
         conn = self.store.conn
         rows = [dict(r) for r in conn.execute(
-            "SELECT * FROM cases WHERE status = 'unrated' AND default_due_t <= ? LIMIT 200",
-            (now,))]
+            "SELECT * FROM cases WHERE status = 'unrated' AND default_due_t <= ? ORDER BY id "
+            "LIMIT ?", (now, 200 + len(self._failed)))]
         for case in rows:
-            visit = dict(conn.execute("SELECT * FROM visits WHERE id = ?",
-                                      (case["visit_id"],)).fetchone())
-            with self.store.transaction():
-                record = self._derive(case, visit, "default", codec.KIND_VOTE,
-                                      jurisdiction.default_stars, [], "", now, "default",
-                                      case["record_device"], case["record_seq"], now)
-                cur = conn.execute(
-                    "UPDATE cases SET status = 'default_rated', stars = ?, record_device = ?,"
-                    " record_seq = ?, outcome_t = ? WHERE id = ? AND status = 'unrated'",
-                    (jurisdiction.default_stars, record[0], record[1], now, case["id"]))
-                if not cur.rowcount:
-                    raise RuntimeError("case %d changed under the default rating" % case["id"])
-                self.store.bump("cases_default_rated")
-                self._callback(visit["id"], "default_rated", now, [case["id"]])
+            if case["id"] in self._failed:
+                continue
+            try:
+                self._default_one(case, jurisdiction, now)
+            except Exception:
+                log.exception("business: default rating of case %d failed", case["id"])
+                self._failed.add(case["id"])
+                with self.store.transaction():
+                    self.store.bump("business_errors")
+
+    def _default_one(self, case, jurisdiction, now):
+        conn = self.store.conn
+        visit = dict(conn.execute("SELECT * FROM visits WHERE id = ?",
+                                  (case["visit_id"],)).fetchone())
+        with self.store.transaction():
+            record = self._derive(case, visit, "default", codec.KIND_VOTE,
+                                  jurisdiction.default_stars, [], "", now, "default",
+                                  case["record_device"], case["record_seq"], now)
+            cur = conn.execute(
+                "UPDATE cases SET status = 'default_rated', stars = ?, record_device = ?,"
+                " record_seq = ?, outcome_t = ? WHERE id = ? AND status = 'unrated'",
+                (jurisdiction.default_stars, record[0], record[1], now, case["id"]))
+            if not cur.rowcount:
+                raise RuntimeError("case %d changed under the default rating" % case["id"])
+            self.store.bump("cases_default_rated")
+            self._callback(visit["id"], "default_rated", now, [case["id"]])
 
     # -- callbacks -----------------------------------------------------------------------------
     def _callback(self, visit_id, event, now, case_ids=None):

@@ -140,3 +140,24 @@ def test_unrated_records_and_the_hubs_own_records_are_never_flagged(hall):
     row = dict(hall.store.conn.execute("SELECT * FROM votes ORDER BY seq DESC").fetchone())
     row.update(kind="v", stars=5)
     assert [k for k, _d, _keys in checker.check(row, hall.store.prompt(row["pid"]))] == []
+
+
+def test_a_vote_the_flow_cannot_settle_does_not_hold_up_the_ones_after_it(hall, monkeypatch):
+    settle = hall.engine._outcome
+    broken = hall.served(stars=3, gap_s=200)
+
+    def outcome(vote, now):
+        if vote["seq"] == broken:
+            raise ValueError("a row the flow does not understand")
+        return settle(vote, now)
+
+    monkeypatch.setattr(hall.engine, "_outcome", outcome)
+    stray = hall.vote("P-none", stars=5)
+    hall.engine.step()
+    assert hall.store.counters()["business_errors"] == 1
+    assert hall.flags() == {(stray, "no_prompt")}      # the vote after it was still checked
+    assert hall.store.get_state("business_vote_rowid") == \
+        hall.store.conn.execute("SELECT max(rowid) FROM votes").fetchone()[0]
+    hall.engine.step()
+    assert hall.store.counters()["business_errors"] == 1
+    assert hall.store.conn.execute("SELECT count(*) FROM votes").fetchone()[0] == 2
