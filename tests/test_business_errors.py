@@ -10,7 +10,7 @@ import json
 import pytest
 
 from hub import business, provision
-from test_business_hall import BusinessHall, wait_for
+from test_business_hall import BusinessHall, find, wait_for
 
 pytestmark = pytest.mark.xdist_group("business_errors")
 
@@ -217,6 +217,8 @@ def test_a_malformed_prompt_is_422_from_the_device(hall):
     assert status == 422 and answer["status"] == "bad" and "malformed" in answer["error"]
     assert hall.stage("M-1", "ji", hall.tokens["queue"])["device_state"] == "bad"
     assert hall.state(D1) == "IDLE"
+    assert hall.shows(D1, hall.rendered("李娜"))   # the idle screen, not the prompt
+    assert not find(hall.screen(D1), hall.item("婚姻登记"))
 
 
 def test_a_full_journal_is_409_and_the_device_shows_the_qr_code(hall):

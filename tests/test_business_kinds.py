@@ -211,8 +211,12 @@ def test_themed_business_per_item_shows_each_item_after_the_one_before(hall):
 
 def test_a_prompt_nobody_answers_is_reported_unrated_and_a_reminder_is_due(hall):
     rest(hall)
-    prompt(hall, {"case_no": "U-1", "task_name": "户口迁移", "kind": "ji", "ttl": 1})
+    prompt(hall, {"case_no": "U-1", "task_name": "户口迁移", "kind": "ji", "ttl": 4})
+    assert hall.shows(D1, hall.item("户口迁移")) == (0, 0)
     stage = hall.wait_stage("U-1", "ji", "unrated", hall.token)
+    rest(hall)   # nobody pressed: back to the idle screen, no thanks
+    assert hall.shows(D1, hall.rendered("乌日娜"))
+    assert not find(hall.screen(D1), hall.item("户口迁移"))
     # Xilingol sends the citizen an SMS with a rating link at once; no default rating.
     assert stage["reminder_due_at"] == stage["service_at"]
     assert stage["default_due_at"] is None
