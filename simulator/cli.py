@@ -125,3 +125,31 @@ def sim_chaos(kinds, fault_every, **params):
     chaos = ChaosOptions(kinds=parse_kinds(kinds), every_s=fault_every)
     say, live = _voices(params["as_json"])
     _report(run(opts, chaos, say=say, live=live), params["as_json"])
+
+
+@sim.command("demo")
+@click.option("--duration", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to run; 0 runs until Ctrl-C.")
+@click.option("--devices", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="Simulated evaluators, one per window.")
+@click.option("--http-port", default=8080, show_default=True, type=click.IntRange(1, 65535),
+              help="The hub's HTTP port (API and dashboard) on 127.0.0.1.")
+@click.option("--province-port", default=9100, show_default=True,
+              type=click.IntRange(1, 65535), help="The provincial receiver's port.")
+@click.option("--heap", default="64wK", show_default=True, help="MicroPython heap per device.")
+@click.option("--seed", type=int, help="Random seed for the citizens.")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Folder for the hall (default: a temporary one, removed at the end).")
+@click.option("--keep", is_flag=True, help="Keep the temporary folder at the end.")
+def sim_demo(duration, devices, http_port, province_port, heap, seed, workdir, keep):
+    """A hall of simulated evaluators with citizens voting at a gentle pace, the hub with
+    its dashboard and the provincial receiver; prints where to look."""
+    from simulator.demo import DemoOptions, run
+
+    opts = DemoOptions(devices=devices, duration_s=duration, http_port=http_port,
+                       province_port=province_port, heap=heap, seed=seed, workdir=workdir,
+                       keep=keep)
+    result = run(opts, out=lambda line: click.echo(line), live=sys.stderr.isatty())
+    click.echo("demo stopped (%s): %d visits, %d votes cast, %d unrated, %d records at the "
+               "province" % (result["stopped_by"], result["visits"], result["votes_cast"],
+                             result["unrated"], result["at_province"]))

