@@ -22,6 +22,10 @@ EVENT_LOG_MAX = 5000       # birth/will events kept; gap events are never pruned
 BUSY_TIMEOUT_S = 30.0
 
 
+# Flags the forwarder sets when the province did not take a record (hub/forward.py _settle).
+_REFUSED = "(flags LIKE 'province_rejected%' OR flags LIKE 'province_silent%')"
+
+
 class StoreError(PingjiaError):
     """The hub store cannot be opened or written."""
 
@@ -372,11 +376,13 @@ class Store:
         unacked = self._one(
             "SELECT count(*) FROM votes v LEFT JOIN device_acks a ON a.device_id = v.device_id "
             "WHERE v.seq > coalesce(a.acked_seq, 0)")[0]
+        # Only the province's refusals take a vote out of the backlog; the hub's own marks
+        # (suspect:*, default) travel like any vote and are waiting until accepted.
         unforwarded = self._one("SELECT count(*) FROM votes WHERE forwarded_at IS NULL "
-                                "AND (batch_n IS NULL OR batch_n > 0) AND flags = ''")[0]
+                                "AND (batch_n IS NULL OR batch_n > 0) AND NOT " + _REFUSED)[0]
         unbatched = self.unbatched_count()
         held = self._one("SELECT count(*) FROM votes WHERE batch_n = 0")[0]
-        refused = self._one("SELECT count(*) FROM votes WHERE batch_n > 0 AND flags != ''")[0]
+        refused = self._one("SELECT count(*) FROM votes WHERE batch_n > 0 AND " + _REFUSED)[0]
         unaccepted = self._one("SELECT count(*) FROM batches WHERE accepted_at IS NULL")[0]
         stored = self._one("SELECT count(*) FROM votes")[0]
         forwarded = self._one("SELECT count(*) FROM votes WHERE forwarded_at IS NOT NULL")[0]

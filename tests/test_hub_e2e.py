@@ -17,7 +17,8 @@ import urllib.request
 import paho.mqtt.client as mqtt
 import pytest
 
-from firmware.evaluator import codec, downlink
+from firmware.evaluator import codec
+from firmware.evaluator.rating import Rating
 from hub import broker as brokerlib
 from hub import keys, provision
 from hub.settings import write_default
@@ -74,8 +75,13 @@ class SimDevice:
     def _on_message(self, client, userdata, message):
         kind = message.topic.rsplit("/", 1)[1]
         if kind != "ack":
+            body = json.loads(message.payload)
             with self.lock:
-                self.downlinks.append((kind, json.loads(message.payload)))
+                self.downlinks.append((kind, body))
+            if kind == "prompt":
+                # As the firmware does: tell the hub the prompt is on screen.
+                client.publish("pj/%s/up/evt" % self.id,
+                               json.dumps({"pid": body.get("pid"), "st": "shown"}), qos=1)
             return
         seq = codec.decode_ack(message.payload)
         with self.lock:
@@ -360,14 +366,17 @@ def test_sign_in_prompt_vote_and_outcome_round_trip(hall):
     hall.start_devices()
     device = hall.devices[0]
     hall.wait(lambda: device.latest("cat") is not None and device.latest("time") is not None)
-    cat = downlink.check_catalogue(device.latest("cat"))
+    # The device's own checks take every downlink the hub sent.
+    cat = device.latest("cat")
+    assert Rating().set_catalogue(cat)
     assert {"S01", "I01"} <= {r["c"] for r in cat["rs"]}
     assert all(r["bm"] for r in cat["rs"])
     status, answer = hall.http("POST", "/api/v1/windows/W01/staff",
                                {"staff_no": "10234", "name": "张三"})
     assert status == 200 and answer["devices"] == ["D0001"]
     hall.wait(lambda: (device.latest("ctx") or {}).get("sn") == "10234")
-    ctx = downlink.check_context(device.latest("ctx"))
+    ctx = device.latest("ctx")
+    assert Rating().set_context(ctx)
     assert ctx["w"] == "W01" and ctx["name"]["h"] == 16
     status, answer = hall.http("POST", "/api/v1/prompts", {
         "window": "W01", "case_no": "GD2026-0001", "task_code": "T-11",
@@ -376,7 +385,8 @@ def test_sign_in_prompt_vote_and_outcome_round_trip(hall):
     assert status == 201
     pid = answer["pid"]
     hall.wait(lambda: device.latest("prompt") is not None)
-    prompt = downlink.check_prompt(device.latest("prompt"))
+    prompt = device.latest("prompt")
+    assert Rating().offer(prompt, 0) == "shown"
     assert prompt["pid"] == pid and prompt["case"] == "GD2026-0001" and prompt["item"]
     assert hall.http("GET", "/api/v1/prompts/" + pid)[1]["status"] == "pending"
     device.vote(stars=2, pid=pid)
