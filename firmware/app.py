@@ -24,11 +24,7 @@ import time
 
 import asyncio
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):  # type: ignore
-        return x
+from micropython import const  # MicroPython only: no fallback to load
 
 from evaluator import VERSION, codec
 from evaluator.journal import JournalError, JournalFull
@@ -42,9 +38,13 @@ _VOTE_ROOM = const(512)  # journal bytes one vote record needs, with margin (pay
 _EVT_SLOTS = const(4)  # prompt outcomes waiting to go up; overflow drops the oldest, counted
 _UPLINK_IDLE_MS = const(200)
 _CLOCK_SLACK_S = const(2)  # hub time within this of ours is not worth a correction
-# The largest downlink packet (topic and payload) the device takes: its MQTT receive buffer,
-# allocated once. The hub's catalogue is the largest downlink (docs/mqtt.md, "Sizes").
+# The largest downlink packet (topic and payload) a device takes: the hub keeps its
+# catalogue, the largest downlink, within it (docs/mqtt.md, "Sizes"). A client other than
+# ours (the serial link) gets a receive buffer this big. Our MQTT client's buffer is
+# _RX_BYTES: prompts and contexts fit, and a catalogue above it is spooled to flash
+# (catalogue.py) as it arrives.
 MAX_DOWNLINK = const(5120)
+_RX_BYTES = const(2048)
 _ANIM_MS = const(250)
 
 
@@ -63,7 +63,7 @@ class App:
 
     def __init__(self, board, config, rating, journal, client_factory=None, clock=None,
                  draw=None, keys=None, ssl=None, hb_s=30, resend_ms=10000, keepalive=30,
-                 max_packet=MAX_DOWNLINK):
+                 max_packet=None):
         self.board = board
         self.rating = rating
         self.journal = journal
@@ -77,19 +77,26 @@ class App:
         self._up = up = "pj/" + device_id + "/up/"
         self._notify = getattr(board, "event", None)
         self._feed = getattr(board, "feed", None)  # the watchdog, where the board has one
+        self._store = None  # the catalogue on flash (a board with a screen and files)
+        self._shown = []  # its reasons whose bitmaps are loaded: the ones on screen
+        files = _attr(board, "files")
+        if board.display is not None and files is not None:
+            from catalogue import Catalogue
+            self._store = Catalogue(files)
         # The client first: its receive buffer is the largest block the app allocates,
         # and asking for it before the screens and their bitmaps load avoids fragmentation.
         if client_factory is None:
             from mqtt import MQTTClient
             client_factory = MQTTClient
+            max_packet = max_packet or _RX_BYTES
         self.client = client_factory(
             client_id=device_id, server=_attr(config, "hub_host"),
             port=_attr(config, "hub_port", 1883), user=_attr(config, "mqtt_user") or device_id,
             password=_attr(config, "mqtt_password"), keepalive=keepalive, clean_session=False,
             will=(up + "will", ('{"v":1,"d":"%s","online":false}' % device_id).encode(), 1,
                   False),
-            ssl=ssl, max_packet=max_packet, on_message=self._on_message,
-            on_connect=self._on_connect)
+            ssl=ssl, max_packet=max_packet or MAX_DOWNLINK, on_message=self._on_message,
+            on_connect=self._on_connect, spool=self._spool)
         self.keys = keys or Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self._bitmap = None
         if board.display is not None:
@@ -127,6 +134,7 @@ class App:
         self._full = False
         self._drawn_changes = -1
         self._drawn_ms = now
+        self._hb_at = now  # when the last heartbeat was due
         self._drawn_state = None
 
     def unix_time(self):
@@ -200,10 +208,22 @@ class App:
                     self._sent = seq
                 self._kicked = True
                 return
-            # The client's buffer is as large as a downlink gets, so no size check here.
+            store = self._store
+            if kind == "cat" and store is not None:
+                # A spooled catalogue comes as its sink; one that fit the buffer is spooled
+                # here. Only a catalogue other than the one in use is read again.
+                sink = payload
+                if isinstance(payload, (bytes, bytearray, memoryview)):
+                    sink = store.spool()
+                    sink.write(payload)
+                if sink.close() or store.cv is None:
+                    cat, bins = store.index()
+                    store.commit(bins, cat, rating.set_catalogue(cat))
+                return
+            # The client's buffer bounds a downlink, so no size check here.
             msg = json.loads(payload)
             if not isinstance(msg, dict):
-                raise ValueError("not an object")
+                raise ValueError(kind)  # not an object
             # The rating checks a message; once it holds one, its bitmaps are decoded in
             # place into the form the screens draw (the base64 text is garbage from then).
             decode = self._decode
@@ -224,17 +244,24 @@ class App:
             elif kind == "time":
                 t = msg.get("t")
                 if not isinstance(t, int) or isinstance(t, bool):
-                    raise ValueError("time: t")
+                    raise ValueError(kind)  # t not an int
                 diff = t - self.unix_time()
                 if diff > _CLOCK_SLACK_S or diff < -_CLOCK_SLACK_S:
                     self._clk_offset += diff
                     self.clk_correction = diff
             else:
-                raise ValueError("unknown downlink")
+                raise ValueError(kind)  # not a downlink we know
         except (ValueError, KeyError, TypeError):
             self.bad_downlinks += 1
             if kind == "prompt":
                 self._queue_evt("", "bad")
+
+    def _spool(self, topic, length):
+        # The MQTT client asks where a downlink too big for its buffer goes: a catalogue to
+        # flash (up to MAX_DOWNLINK); anything else is dropped and counted by the client.
+        if self._store is not None and topic == self._dn + "cat" and length <= MAX_DOWNLINK:
+            return self._store.spool()
+        return None
 
     def _decode(self, wire):
         # A checked wire bitmap in the form the screens draw (as is where there is no
@@ -351,15 +378,15 @@ class App:
                     break
                 await asyncio.sleep_ms(50)
 
-    async def _heartbeats(self):
-        while True:
-            await asyncio.sleep_ms(self.hb_ms)
-            if self.client.isconnected():
-                try:
-                    await self.client.publish(self._up + "hb", self.heartbeat(), 0)
-                except OSError:
-                    pass
-            self._event({"e": "hb", "mis": self.rating.misuse, "jd": self.journal.depth})
+    async def _beat(self):
+        # One heartbeat, in a task of its own (step() starts one every hb_s): a stalled
+        # uplink never holds it up, and no task waits between beats.
+        if self.client.isconnected():
+            try:
+                await self.client.publish(self._up + "hb", self.heartbeat(), 0)
+            except OSError:
+                pass
+        self._event({"e": "hb", "mis": self.rating.misuse, "jd": self.journal.depth})
 
     # ---- keys, rating timeouts, screen ----------------------------------------------------
     def _refresh(self, now):
@@ -376,7 +403,10 @@ class App:
         display = self.board.display
         if display is not None and self._draw is not None:
             try:
-                self._draw(display, rating.view(), now)
+                view = rating.view()
+                self._page(view)
+                self._draw(display, view, now)
+                view = None
             except Exception:  # noqa: BLE001 - a screen bug must not stop the votes
                 self.draw_errors += 1
             display.show()  # a bus error is counted by the display (heartbeat "disp")
@@ -385,6 +415,37 @@ class App:
             prompt = rating.prompt
             self._event({"e": "state", "st": state,
                          "pid": prompt.get("pid") if isinstance(prompt, dict) else None})
+
+    def _page(self, view):
+        # A catalogue on flash: the bitmaps of the reasons on screen are in RAM, no others.
+        # (Loaded when their page shows, so each is one object for as long as it is seen,
+        # which keeps a scrolling label's start.)
+        store = self._store
+        if store is None:
+            return
+        shown = self._shown
+        want = view["reasons"] if view["state"] == "REASONS" else ()
+        per = view["per_page"]
+        first = view["page"] * per
+        last = min(first + per, len(want))
+        i = 0
+        while i < len(shown):
+            entry = shown[i]
+            keep = False
+            for k in range(first, last):
+                if want[k] is entry:
+                    keep = True
+            if keep:
+                i += 1
+            else:
+                entry["bm"] = None
+                shown.pop(i)
+        for k in range(first, last):
+            entry = want[k]
+            ref = entry.get("f")
+            if ref is not None and entry.get("bm") is None:
+                entry["bm"] = store.load(ref)
+                shown.append(entry)
 
     def step(self, n):
         """One scan of the user interface; n counts scans (for the slower duties)."""
@@ -401,6 +462,9 @@ class App:
             record = self.rating.tick(now)
             if record is not None:
                 self.save(record, now)
+            if self.clock.ticks_diff(now, self._hb_at) >= self.hb_ms:
+                self._hb_at = now
+                asyncio.create_task(self._beat())
         if n % _ROOM_EVERY == 0:
             self._check_room()
         if n % _DRAW_EVERY == 0:
@@ -414,8 +478,7 @@ class App:
     async def run(self):
         self._check_room()
         self._refresh(self.clock.ticks_ms())
-        tasks = (asyncio.create_task(self.client.run()), asyncio.create_task(self._uplink()),
-                 asyncio.create_task(self._heartbeats()))
+        tasks = (asyncio.create_task(self.client.run()), asyncio.create_task(self._uplink()))
         try:
             n = 0
             while True:

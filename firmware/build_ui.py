@@ -83,27 +83,40 @@ def _literal(index, name, text, raw):
     return "\n".join(lines)
 
 
-# The CPython side of ui_text.py (the Pi evaluator draws these with Pillow, the tests read
-# them): each name as the (rows, width, height, format) tuple it always was. The device
-# never calls it; screens.py blits TEXTS[i] itself.
+def names_api(texts, names):
+    """ui_text.py's module __getattr__ on CPython: NAME -> (rows, width, height, 3), and
+    LEVELS, SOFT_KEYS and REASONS, as the Pi evaluator and the tests read them. It lives
+    here, in a host-only file, so the device loads none of it: the device blits TEXTS[i]."""
+    order = names.split()
+
+    def text(i):
+        raw = texts[i]
+        return (raw[:-3], raw[-3] | raw[-2] << 8, raw[-1], 3)
+
+    def getattr_(name):
+        if name in ("LEVELS", "SOFT_KEYS"):
+            first = order.index("LEVEL_5" if name == "LEVELS" else "KEY_UP")
+            return tuple(text(i) for i in range(first, first + 5))
+        if name == "REASONS":
+            return {n[7:]: text(i) for i, n in enumerate(order) if n.startswith("REASON_")}
+        if name in order:
+            return text(order.index(name))
+        raise AttributeError(name)
+
+    return getattr_
+
+
 _API = '''
 
-def __getattr__(name):
-    """NAME -> (rows, width, height, 3); LEVELS, SOFT_KEYS and REASONS as before."""
-    if name in ("LEVELS", "SOFT_KEYS"):
-        names = NAMES.split()
-        first = names.index("LEVEL_5" if name == "LEVELS" else "KEY_UP")
-        return tuple(_text(i) for i in range(first, first + 5))
-    if name == "REASONS":
-        return {n[7:]: _text(i) for i, n in enumerate(NAMES.split()) if n.startswith("REASON_")}
-    if name in NAMES.split():
-        return _text(NAMES.split().index(name))
-    raise AttributeError(name)
-
-
-def _text(i):
-    raw = TEXTS[i]
-    return (raw[:-3], raw[-3] | raw[-2] << 8, raw[-1], 3)
+try:
+    import micropython  # noqa: F401 -- the device: TEXTS by index is all it loads
+except ImportError:  # CPython: the names too (firmware/build_ui.py names_api), imported
+    # by name so that the device's type check does not follow it into a host-only file.
+    try:
+        _host = __import__("firmware.build_ui", None, None, ["names_api"])
+    except ImportError:
+        _host = __import__("build_ui")
+    __getattr__ = _host.names_api(TEXTS, NAMES)
 '''
 
 

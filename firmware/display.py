@@ -15,11 +15,7 @@
 import framebuf
 from binascii import a2b_base64
 
-try:
-    from micropython import const
-except ImportError:  # CPython type checkers and linters
-    def const(x):  # type: ignore[misc]
-        return x
+from micropython import const  # MicroPython only: no fallback to load
 
 # Wire bitmap limits; hub/bitmaps.py enforces the same before sending.
 _MAX_W = const(1024)

@@ -209,6 +209,10 @@ class MQTTClient:
     Link faults surface as OSError from publish/subscribe and are handled by run(), which
     reconnects with capped exponential backoff and jitter. Caller mistakes raise MQTTError.
 
+    A PUBLISH bigger than max_packet is dropped and counted, unless spool(topic, length)
+    returns a sink for it: the payload is then written to sink.write() piece by piece as it
+    arrives, and on_message(topic, sink, retained) gets the sink instead of the payload.
+
     The client waits by polling its own flags every few tens of milliseconds instead of
     using asyncio's Event, Lock and wait_for: on the device those would load three more
     modules and make a task per timed wait, for no gain at this pace (a packet or two a
@@ -218,7 +222,7 @@ class MQTTClient:
     def __init__(self, client_id, server, port=1883, user=None, password=None, keepalive=30,
                  clean_session=False, will=None, ssl=None, max_packet=4096, on_message=None,
                  on_connect=None, open_connection=None, backoff_max_ms=30000,
-                 ack_timeout_ms=10000):
+                 ack_timeout_ms=10000, spool=None):
         if max_packet < _MIN_PACKET:
             raise MQTTError("max_packet")
         # Built once: it is the same bytes on every connect, and bad arguments fail here.
@@ -230,6 +234,7 @@ class MQTTClient:
         self._open = open_connection
         self._on_message = on_message
         self._on_connect = on_connect
+        self._spool = spool  # spool(topic, length) -> sink with write(), or None: drop
         self._ka_ms = keepalive * 1000
         self._backoff_max = backoff_max_ms
         self._ack_ms = ack_timeout_ms
@@ -401,7 +406,7 @@ class MQTTClient:
                 await self._send(b"\xe0\x00", None, gen)  # DISCONNECT
             except OSError:
                 pass
-        self._fail("disconnected", gen)
+        self._fail("closed", gen)  # by disconnect()
         self._end_link()
 
     # -- link ------------------------------------------------------------------------------
@@ -441,10 +446,10 @@ class MQTTClient:
         await self._send(self._connect_pkt, None, gen)
         body = self._mv[:2]
         if await self._within(self._read_fixed_header()) != (_CONNACK, 2):
-            raise MalformedPacket("expected CONNACK")
+            raise MalformedPacket("CONNACK")  # something else came first
         await self._within(self._fill(body))
         if body[0] & 0xFE:  # only the session-present bit may be set
-            raise MalformedPacket("bad CONNACK")
+            raise MalformedPacket("CONNACK")  # reserved bits set
         self.session_present = bool(body[0])
         if body[1]:
             raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % body[1])
@@ -504,7 +509,7 @@ class MQTTClient:
         if self._ack_code >= 0:
             return True
         if gen != self._gen or not self._connected:
-            raise OSError(errno.ECONNRESET, "link lost before ack")
+            raise OSError(errno.ECONNRESET, "no ack")  # the link went first
         return False
 
     # -- receiving ---------------------------------------------------------------------------
@@ -527,7 +532,7 @@ class MQTTClient:
                 n = len(chunk)
                 mv[got:got + n] = chunk
             if not n:
-                raise OSError(errno.ECONNRESET, "closed by broker")
+                raise OSError(errno.ECONNRESET, "EOF")  # the broker closed
             got += n
             self._last_rx = ticks_ms()
 
@@ -544,7 +549,7 @@ class MQTTClient:
                 return first, length
         # Without a length the stream cannot be re-framed: only a new link recovers.
         self.dropped_incoming += 1
-        raise OSError(errno.EIO, "remaining length longer than 4 bytes")
+        raise OSError(errno.EIO, "length")  # a length over 4 bytes
 
     async def _rx_loop(self, gen):
         buf = self._mv
@@ -554,20 +559,46 @@ class MQTTClient:
                 first, length = await self._read_fixed_header()
                 kind = first & 0xF0
                 if length > size:
-                    # Read it through the one buffer in chunks and forget it. A qos1
-                    # PUBLISH is still PUBACKed, or the broker would redeliver it after
-                    # every reconnect for ever.
-                    self.dropped_incoming += 1
+                    # Too big for the buffer: read it through the buffer in chunks. A PUBLISH
+                    # goes to the spool the caller gave for its topic (a file, say), and is
+                    # delivered as that sink once whole; anything else is forgotten, counted.
+                    # A qos1 PUBLISH is PUBACKed either way, or the broker would redeliver
+                    # it after every reconnect for ever.
                     pid = 0
+                    sink = topic = None
                     left = length
                     while left:
                         chunk = min(left, size)
                         await self._fill(self._mv[:chunk])
-                        if left == length and first & 0xF6 == (_PUBLISH | 0x02):
+                        part = 0
+                        if left == length and kind == _PUBLISH and first & 0x06 != 0x06:
                             topic_len = (buf[0] << 8) | buf[1]
-                            if topic_len + 4 <= chunk:
-                                pid = (buf[topic_len + 2] << 8) | buf[topic_len + 3]
+                            part = topic_len + (4 if first & 0x06 else 2)
+                            if part <= chunk:
+                                if first & 0x06:
+                                    pid = (buf[part - 2] << 8) | buf[part - 1]
+                                if self._spool is not None:
+                                    try:
+                                        topic = bytes(buf[2:2 + topic_len]).decode()
+                                        sink = self._spool(topic, length - part)
+                                    except Exception:  # not UTF-8, or the caller's fault
+                                        sink = None
+                            else:
+                                part = 0
+                        if sink is not None:
+                            try:
+                                sink.write(self._mv[part:chunk])
+                            except Exception:  # the sink failed (a flash error): drop it
+                                sink = None
                         left -= chunk
+                    if sink is None:
+                        self.dropped_incoming += 1
+                    elif self._on_message is not None:
+                        try:
+                            self._on_message(topic, sink, bool(first & _RETAIN))
+                        except Exception:  # the app's fault, not the link's: count, go on
+                            self.callback_errors += 1
+                    sink = None
                     if pid:
                         await self._send(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)), None, gen)
                     continue
@@ -577,7 +608,7 @@ class MQTTClient:
                     if kind == _PUBLISH:
                         topic, payload, qos, retain, _, pid = decode_publish(first, body)
                         if qos == 2:  # we never ask for qos 2, and cannot honour its handshake
-                            raise MalformedPacket("qos 2 not supported")
+                            raise MalformedPacket("qos")  # 2: never asked for
                         if self._on_message is not None:
                             try:
                                 self._on_message(topic, payload, retain)
@@ -603,7 +634,7 @@ class MQTTClient:
                         # else: a late ack for an earlier try of the same message; harmless
                     elif first != _PINGRESP or length:
                         # (a PINGRESP needs nothing: its arrival refreshed _last_rx)
-                        raise MalformedPacket("unexpected packet")
+                        raise MalformedPacket("packet")  # not one a broker sends
                 except MalformedPacket:
                     self.dropped_incoming += 1
         except Exception as exc:  # any fault, even our own bug, ends only this link

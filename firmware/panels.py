@@ -3,11 +3,7 @@
 # the bus passed in; nothing here touches a pin or a bus in a constructor. A separate
 # module from display.py so that a board without one of these panels (the simulator's)
 # never loads their code.
-try:
-    from micropython import const
-except ImportError:  # CPython type checkers and linters
-    def const(x):  # type: ignore[misc]
-        return x
+from micropython import const  # MicroPython only: no fallback to load
 
 import framebuf
 

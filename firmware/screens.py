@@ -19,11 +19,7 @@ except ImportError:  # CPython type checkers
     def ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):  # type: ignore[misc]
-        return x
+from micropython import const  # MicroPython only: no fallback to load
 
 from display import blit, width
 from evaluator.rating import FALLBACK_CODES, HINT_MAX_REASONS, HINT_NEED_REASON

@@ -5,9 +5,10 @@
 #   the reference board); presses arrive over the control channel and are played as real
 #   level changes, so the firmware's debounce and stuck-key logic run unchanged;
 # - display: a MONO_HLSB framebuffer; the simulator asks for its bytes over the channel;
-# - flash: files in the device's own directory (its journal dir); a process kill is a
-#   power cut. `fs_sync` flushes to the host kernel, which survives the kill of this
-#   process exactly as a synced flash page survives a power cut;
+# - flash: files in the device's own directory (its journal dir, and `files`: the
+#   catalogue the app keeps on flash); a process kill is a power cut. `fs_sync` flushes to
+#   the host kernel, which survives the kill of this process exactly as a synced flash
+#   page survives a power cut;
 # - clock: the host's.
 #
 # Control channel: one TCP connection to the simulator (127.0.0.1) carrying JSON lines.
@@ -25,11 +26,7 @@ import micropython
 
 from display import Display
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):  # type: ignore
-        return x
+from micropython import const  # MicroPython only: no fallback to load
 
 _PRESS_MS = const(90)  # a citizen's finger: long enough for the 30 ms debounce
 _GAP_MS = const(70)  # released between queued presses
@@ -69,13 +66,18 @@ class SimBoard:
         flash = spec.get("flash") or {}
         jdir = flash.get("journal_dir", "journal")
         self.journal_dir = jdir if jdir.startswith("/") else workdir.rstrip("/") + "/" + jdir
+        self.files = workdir  # the device's own files (the catalogue), beside the journal
         self.journal_segments = flash.get("journal_segments", 16)
         self.segment_bytes = flash.get("segment_bytes", 4096)
         self._rst = reset_cause
         self.app = None
         self.fail_sync = False
         self._presses = []
-        self._last_press = time.ticks_ms()
+        now = time.ticks_ms()
+        self._last_press = now  # when the last press began
+        self._up_at = None  # while a key is down: when to release it
+        self._free_at = now  # released keys rest until then before the next press
+        self._sampled = now
         self._lines = []
         self._writer = None
         self.presses_dropped = 0
@@ -104,7 +106,28 @@ class SimBoard:
             raise OSError(5)
 
     def feed(self):
-        pass
+        # No watchdog here. The app calls this on every key scan (20 ms), so the simulated
+        # board uses it as its tick: it plays queued presses as level changes the key
+        # scanner sees, and samples the heap every 2 s. (A task of its own would cost
+        # heap.) "gap": a press begins at least that long after the previous one began --
+        # a person's pace, whatever delays the command met on its way here.
+        now = time.ticks_ms()
+        if self._up_at is not None:
+            if time.ticks_diff(now, self._up_at) >= 0:
+                self._up_at = None
+                for pin in self.keys_pins.values():
+                    pin.level = 1 - self.key_active
+                self._free_at = time.ticks_add(now, _GAP_MS)
+        elif self._presses and time.ticks_diff(now, self._free_at) >= 0:
+            stars, ms, gap = self._presses[0]
+            if not gap or time.ticks_diff(now, self._last_press) >= gap:
+                self._presses.pop(0)
+                self._last_press = now
+                self.keys_pins[stars].level = self.key_active
+                self._up_at = time.ticks_add(now, max(ms, 1))
+        if time.ticks_diff(now, self._sampled) >= _HEAP_EVERY_MS:
+            self._sampled = now
+            self.sample_heap()
 
     def event(self, obj):
         """Queue one event line for the simulator (bounded; oldest dropped and counted)."""
@@ -155,10 +178,10 @@ class SimBoard:
         if c == "press" or c == "hold":
             stars = cmd.get("stars")
             if stars not in self.keys_pins:
-                return {"e": "error", "c": c, "why": "no such key"}
+                return {"e": "error", "c": c, "why": "key"}  # no such key
             if len(self._presses) >= _PRESS_SLOTS:
                 self.presses_dropped += 1
-                return {"e": "error", "c": c, "why": "press queue full"}
+                return {"e": "error", "c": c, "why": "full"}  # the press queue
             self._presses.append((stars, cmd.get("ms", _PRESS_MS), cmd.get("gap", 0)))
             return None
         if c == "fb":
@@ -174,30 +197,7 @@ class SimBoard:
         if c == "display":
             self.fail_display = bool(cmd.get("fail"))
             return {"e": "display", "fail": self.fail_display}
-        return {"e": "error", "c": c, "why": "unknown command"}
-
-    async def _fingers(self):
-        # Plays queued presses as level changes the key scanner sees; between presses it
-        # samples the heap every 2 s (one task for both: each task costs heap).
-        sampled = time.ticks_ms()
-        while True:
-            if not self._presses:
-                await asyncio.sleep_ms(10)
-                if time.ticks_diff(time.ticks_ms(), sampled) >= _HEAP_EVERY_MS:
-                    sampled = time.ticks_ms()
-                    self.sample_heap()
-                continue
-            stars, ms, gap = self._presses.pop(0)
-            # "gap": at least this long since the previous press began -- a person's pace,
-            # whatever delays the command met on its way here.
-            while gap and time.ticks_diff(time.ticks_ms(), self._last_press) < gap:
-                await asyncio.sleep_ms(10)
-            self._last_press = time.ticks_ms()
-            pin = self.keys_pins[stars]
-            pin.level = self.key_active
-            await asyncio.sleep_ms(ms)
-            pin.level = 1 - self.key_active
-            await asyncio.sleep_ms(_GAP_MS)
+        return {"e": "error", "c": c, "why": "c"}  # not a command we know
 
     async def _reader(self, reader):
         while True:
@@ -210,7 +210,7 @@ class SimBoard:
                 cmd = json.loads(line)
                 reply = self._command(cmd)
             except (ValueError, TypeError, AttributeError):
-                reply = {"e": "error", "why": "bad command"}
+                reply = {"e": "error", "why": "bad"}  # not a command
             if reply is not None:
                 if "id" in cmd:
                     reply["id"] = cmd["id"]
@@ -245,6 +245,5 @@ class SimBoard:
             await asyncio.sleep_ms(500)
 
     def start(self):
-        asyncio.create_task(self._fingers())
         if self.ctl_port > 0:
             asyncio.create_task(self._control())

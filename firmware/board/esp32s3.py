@@ -49,6 +49,7 @@ class Board:
         self.spec = spec
         self.name = spec.get("board", "esp32s3")
         self.keys_pins, self.key_active = _keys(spec.get("keys") or [])
+        self.files = "/"  # the device's own files on flash (the catalogue: app.py)
         self.display = None
         if with_display and spec.get("display"):
             self.display = _display(spec["display"])
