@@ -96,7 +96,7 @@ class App:
             will=(up + "will", ('{"v":1,"d":"%s","online":false}' % device_id).encode(), 1,
                   False),
             ssl=ssl, max_packet=max_packet or MAX_DOWNLINK, on_message=self._on_message,
-            on_connect=self._on_connect, spool=self._spool)
+            on_connect=self._on_connect, spool=self._spool, borrow=True)
         self.keys = keys or Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self._bitmap = None
         if board.display is not None:
@@ -211,14 +211,19 @@ class App:
             store = self._store
             if kind == "cat" and store is not None:
                 # A spooled catalogue comes as its sink; one that fit the buffer is spooled
-                # here. Only a catalogue other than the one in use is read again.
+                # here. Only a catalogue other than the one in use is read again; once the
+                # rating took it, the rating's catalogue is the store on flash.
                 sink = payload
                 if isinstance(payload, (bytes, bytearray, memoryview)):
                     sink = store.spool()
                     sink.write(payload)
-                if sink.close() or store.cv is None:
-                    cat, bins = store.index()
-                    store.commit(bins, cat, rating.set_catalogue(cat))
+                changed = sink.close()
+                if changed or store.cv is None:
+                    cat, fresh = store.index(changed)
+                    ok = rating.set_catalogue(cat)
+                    store.commit(ok, changed, fresh, cat["cv"])
+                    if ok:
+                        rating.cat = store
                 return
             # The client's buffer bounds a downlink, so no size check here.
             msg = json.loads(payload)

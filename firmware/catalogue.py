@@ -1,11 +1,12 @@
 # The bad-rating catalogue (the `cat` downlink, docs/protocol.md) on the device's flash.
 #
 # The catalogue is the largest downlink (twelve reasons with their bitmaps: 4.3 KB of JSON,
-# 11 KB of objects once parsed) and the reasons screen shows three of them at a time. So a
-# device with a screen keeps it on flash: the MQTT client spools a catalogue too big for
-# its receive buffer straight to cat.json, this module reads it one reason at a time into
-# an index (codes and areas in RAM, each bitmap decoded once into cat.bin), and the app
-# loads the bitmaps of the reasons on screen from cat.bin when the screen shows them.
+# 11 KB of objects once parsed), used only for bad ratings, and the reasons screen shows
+# three reasons at a time. So a device with a screen keeps it on flash: the MQTT client
+# spools a catalogue too big for its receive buffer straight to cat.json; this module
+# checks it one reason at a time and decodes each bitmap once into cat.bin; the rating
+# reads the reasons from flash when a bad rating opens them; and the app loads the bitmaps
+# of the reasons on screen from cat.bin while the screen shows them.
 #
 # Flash wear: every file is written compare-or-write (Spool). The hub sends the same
 # retained catalogue on every reconnect; that rewrites nothing.
@@ -25,9 +26,9 @@ _BACKSLASH = const(92)
 class Spool:
     """Bytes that replace the file at `path` only if they differ (compare-or-write).
 
-    write() the new content in pieces, then close(): True when the file now holds other
-    bytes than before. Until close(True) the old file stays as it was (the new bytes go to
-    path + ".new", renamed over it); close(False) drops them.
+    write() the new content in pieces, then close(): True when it differs from the file's.
+    The file itself stays as it was until settle(path, True) renames the new content (in
+    path + ".new") over it.
     """
 
     def __init__(self, path):
@@ -38,15 +39,27 @@ class Spool:
             self._old = None
         self._new = None
         self._same = 0  # bytes so far that equal the old file's first bytes
+        self._scratch = bytearray(_CHUNK)
 
     def write(self, data):
-        old = self._old
         new = self._new
         if new is None:
-            if old is not None and old.read(len(data)) == data:
-                self._same += len(data)
+            # Compared 64 bytes at a time against the old file: no big buffer on the heap.
+            mv = memoryview(data)
+            i = 0
+            old = self._old
+            if old is not None:
+                scratch = memoryview(self._scratch)
+                while i < len(mv):
+                    k = min(_CHUNK, len(mv) - i)
+                    if old.readinto(scratch[:k]) != k or scratch[:k] != mv[i:i + k]:
+                        break
+                    i += k
+            self._same += i
+            if i == len(mv):
                 return
             new = self._divert()
+            data = mv[i:]
         new.write(data)
 
     def _divert(self):
@@ -56,27 +69,33 @@ class Spool:
         if self._same and old is not None:
             old.seek(0)
             left = self._same
+            scratch = memoryview(self._scratch)
             while left:
-                chunk = old.read(min(left, _CHUNK))
-                new.write(chunk)
-                left -= len(chunk)
+                k = old.readinto(scratch[:min(left, _CHUNK)])
+                new.write(scratch[:k])
+                left -= k
         return new
 
-    def close(self, commit=True):
+    def close(self):
+        """True when the content differs from the file's: it waits at path + ".new" for
+        settle(path, ok). False: the same bytes, nothing written."""
         old = self._old
-        if self._new is None and commit and (old is None or old.read(1)):
+        if self._new is None and (old is None or old.read(1)):
             self._divert()  # the new content is the old one cut short (or there was none)
         if old is not None:
             old.close()
-        new = self._new
-        if new is None:
+        if self._new is None:
             return False
-        new.close()
-        if commit:
-            os.rename(self.path + ".new", self.path)  # replaces: POSIX and LittleFS alike
-        else:
-            os.remove(self.path + ".new")
-        return commit
+        self._new.close()
+        return True
+
+
+def settle(path, ok):
+    """Put the content waiting at path + ".new" in place (ok), or drop it."""
+    if ok:
+        os.rename(path + ".new", path)  # replaces: POSIX and LittleFS alike
+    else:
+        os.remove(path + ".new")
 
 
 def _scan(f):
@@ -146,54 +165,85 @@ def _scan(f):
 
 
 class Catalogue:
-    """The catalogue files in folder `folder`: cat.json (as received), cat.bin (bitmaps)."""
+    """The catalogue files in folder `folder`: cat.json (as received) and cat.bin (its
+    bitmaps, decoded). Once the rating took a catalogue, the app hands the rating this
+    object as the catalogue itself: catalogue["rs"] reads the reasons from flash when a
+    bad rating needs them, so between bad ratings none of it is in RAM."""
 
     def __init__(self, folder):
         self._json = folder + "/cat.json"
         self._bin = folder + "/cat.bin"
-        self.cv = None  # version of the catalogue indexed since boot; None: none yet
-        self.gen = 0  # bumps with every index: bitmaps of older ones no longer load
+        self.cv = None  # version of the catalogue in use; None: none taken since boot
+        self.gen = 0  # bumps with every catalogue taken: older bitmaps no longer load
 
     def spool(self):
-        """Where a received catalogue goes (write(), then close())."""
+        """Where a received catalogue goes: write() it, then close()."""
         return Spool(self._json)
 
-    def index(self):
-        """The catalogue in cat.json with no bitmaps in RAM, for Rating.set_catalogue().
-
-        Each reason is {"c", "a"?, "bm": None, "f": ref}: ref locates its bitmap in cat.bin
-        (load()). Returns (catalogue, spool of cat.bin) -- commit() it with the rating's
-        verdict. Raises ValueError when the file is not a catalogue."""
-        gen = self.gen + 1
+    def index(self, changed):
+        """The catalogue just spooled (changed) or the one on flash, for the rating to
+        check, and whether its bitmaps differ from those on flash: (catalogue, fresh).
+        Settle with commit(). Raises ValueError, pending files dropped, for a bad one."""
         bins = Spool(self._bin)
         try:
-            with open(self._json, "rb") as f:
-                cv, spans = _scan(f)
-                entries = []
-                at = 0
-                for start, end in spans:
-                    f.seek(start)
-                    entry = json.loads(f.read(end - start))
-                    raw = bitmap(entry.get("bm"))  # ValueError if malformed
-                    entry["bm"] = None
-                    if raw is not None:
-                        bins.write(raw)
-                        # offset and length as one small int (no object): offsets fit in
-                        # 16 bits (16 reasons of at most 2051 bytes), lengths in 12.
-                        entry["f"] = (gen << 28) | (at << 12) | len(raw)
-                        at += len(raw)
-                    entries.append(entry)
+            cv, entries = self._read(self._json + ".new" if changed else self._json,
+                                     self.gen + 1, bins)
         except (OSError, ValueError, TypeError, AttributeError, KeyError):
-            bins.close(False)
+            if bins.close():
+                settle(self._bin, False)
+            if changed:
+                settle(self._json, False)
             raise ValueError("cat")
-        return {"cv": cv, "rs": entries}, bins
+        return {"cv": cv, "rs": entries}, bins.close()
 
-    def commit(self, bins, cat, ok):
-        """The rating took `cat` (ok) or refused it: keep or drop its bitmaps."""
-        bins.close(ok)
+    def commit(self, ok, changed, fresh, cv):
+        """The rating took the catalogue index() read (ok) or refused it."""
+        if changed:
+            settle(self._json, ok)
+        if fresh:
+            settle(self._bin, ok)
         if ok:
-            self.cv = cat["cv"]
+            self.cv = cv
             self.gen += 1
+
+    def __getitem__(self, key):
+        # What the rating reads of its catalogue: "cv", and "rs" when a bad rating opens
+        # the reasons (each {"c", "a"?, "bm": None, "f": ref}). A flash that fails here
+        # leaves the citizen the built-in reasons rather than no vote.
+        if key == "cv":
+            return self.cv
+        try:
+            return self._read(self._json, self.gen, None)[1]
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            return []
+
+    def _read(self, path, gen, bins):
+        # The reasons of the catalogue in `path`, one at a time: json parses each reason's
+        # span on its own, so at most one reason's text is on the heap. Each bitmap's place
+        # in cat.bin goes into its "f" ref; with `bins`, each is checked, decoded and
+        # written there too.
+        with open(path, "rb") as f:
+            cv, spans = _scan(f)
+            entries = []
+            at = 0
+            for start, end in spans:
+                f.seek(start)
+                entry = json.loads(f.read(end - start))
+                bm = entry.get("bm")
+                entry["bm"] = None
+                if bm is not None:
+                    if bins is not None:
+                        raw = bitmap(bm)  # ValueError if malformed
+                        bins.write(raw)
+                        n = len(raw)
+                    else:
+                        n = ((bm["w"] + 7) >> 3) * bm["h"] + 3
+                    # Offset and length as one small int (no object): offsets fit in 16
+                    # bits (16 reasons of at most 2051 bytes), lengths in 12.
+                    entry["f"] = (gen << 28) | (at << 12) | n
+                    at += n
+                entries.append(entry)
+        return cv, entries
 
     def load(self, ref):
         """The device bitmap a reason's "f" ref locates, or None (an older catalogue's)."""

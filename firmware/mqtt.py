@@ -36,7 +36,10 @@ except ImportError:  # CPython has no ticks; a monotonic clock in ms does the sa
 
 try:
     _sleep_ms = asyncio.sleep_ms  # MicroPython: no float (a heap object) per sleep
+    _MICROPYTHON = True
 except AttributeError:  # CPython
+    _MICROPYTHON = False
+
     def _sleep_ms(ms):
         return asyncio.sleep(ms / 1000)
 
@@ -173,8 +176,10 @@ def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
     return bytes((first,)) + encode_length(len(var) + payload_len) + var
 
 
-def decode_publish(first, body):
-    """PUBLISH -> (topic, payload, qos, retain, dup, pid); pid is 0 for qos 0."""
+def decode_publish(first, body, copy=True):
+    """PUBLISH -> (topic, payload, qos, retain, dup, pid); pid is 0 for qos 0.
+
+    The payload is bytes, or with copy=False a slice of body itself (no copy)."""
     qos = (first >> 1) & 3
     size = len(body)
     start = 2 + ((body[0] << 8) | body[1] if size >= 2 else size)
@@ -193,11 +198,73 @@ def decode_publish(first, body):
         pid = (body[start] << 8) | body[start + 1]
         if not pid:
             raise MalformedPacket("packet id")
-    return topic, bytes(body[pos:]), qos, bool(first & _RETAIN), bool(first & _DUP), pid
+    payload = body[pos:]
+    return (topic, bytes(payload) if copy else payload, qos, bool(first & _RETAIN),
+            bool(first & _DUP), pid)
 
 
 def _why(exc):
     return exc if isinstance(exc, str) else repr(exc)
+
+
+# ---------------------------------------------------------------------------------------
+# The link on MicroPython: a non-blocking socket the client polls. It does for the client
+# what asyncio's streams do (readinto, write, drain, close), without loading that module
+# and its classes onto the device's heap; the simulated board's control channel uses it
+# too. (CPython, where the tests also run the client, uses asyncio.open_connection.)
+
+class Link:
+    """A non-blocking socket: readinto() waits for data by polling it every few ms."""
+
+    def __init__(self, sock):
+        self.s = sock
+        self._out = []  # what write() queued for drain()
+
+    async def readinto(self, mv):
+        while True:
+            n = self.s.readinto(mv)  # None: nothing yet; 0: closed by the peer
+            if n is not None:
+                return n
+            await _sleep_ms(_POLL_MS // 2)
+
+    def write(self, data):
+        self._out.append(data)
+
+    async def drain(self):
+        out = self._out
+        while out:
+            n = self.s.write(out[0])  # None: the socket is full (or still connecting)
+            if n is None:
+                await _sleep_ms(_POLL_MS // 4)
+            elif n < len(out[0]):
+                out[0] = memoryview(out[0])[n:]
+            else:
+                out.pop(0)
+
+    def close(self):
+        self._out = []
+        self.s.close()
+
+
+async def open_link(host, port, ssl=None):
+    """(link, link) to host:port, as asyncio.open_connection gives (reader, writer); with
+    ssl, an SSLContext, TLS on top (its handshake runs in the first reads and writes)."""
+    import socket
+
+    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(ai[0], ai[1], ai[2])
+    sock.setblocking(False)
+    try:
+        sock.connect(ai[-1])
+    except OSError as exc:
+        if exc.errno != errno.EINPROGRESS:
+            sock.close()
+            raise
+    if ssl is not None:
+        sock = ssl.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        sock.setblocking(False)
+    link = Link(sock)
+    return link, link
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +275,9 @@ class MQTTClient:
 
     Link faults surface as OSError from publish/subscribe and are handled by run(), which
     reconnects with capped exponential backoff and jitter. Caller mistakes raise MQTTError.
+
+    With borrow=True on_message gets the payload as a memoryview into the receive buffer,
+    valid during the call only: no copy of every downlink on a small heap.
 
     A PUBLISH bigger than max_packet is dropped and counted, unless spool(topic, length)
     returns a sink for it: the payload is then written to sink.write() piece by piece as it
@@ -222,7 +292,7 @@ class MQTTClient:
     def __init__(self, client_id, server, port=1883, user=None, password=None, keepalive=30,
                  clean_session=False, will=None, ssl=None, max_packet=4096, on_message=None,
                  on_connect=None, open_connection=None, backoff_max_ms=30000,
-                 ack_timeout_ms=10000, spool=None):
+                 ack_timeout_ms=10000, spool=None, borrow=False):
         if max_packet < _MIN_PACKET:
             raise MQTTError("max_packet")
         # Built once: it is the same bytes on every connect, and bad arguments fail here.
@@ -235,6 +305,7 @@ class MQTTClient:
         self._on_message = on_message
         self._on_connect = on_connect
         self._spool = spool  # spool(topic, length) -> sink with write(), or None: drop
+        self._borrow = borrow  # on_message gets a view into the buffer, not a copy
         self._ka_ms = keepalive * 1000
         self._backoff_max = backoff_max_ms
         self._ack_ms = ack_timeout_ms
@@ -435,7 +506,7 @@ class MQTTClient:
     async def _open_and_connect(self):
         self._gen += 1
         gen = self._gen
-        opener = self._open or asyncio.open_connection
+        opener = self._open or (open_link if _MICROPYTHON else asyncio.open_connection)
         if self._ssl is None:
             link = opener(self.server, self.port)
         else:
@@ -606,7 +677,8 @@ class MQTTClient:
                 await self._fill(body)
                 try:
                     if kind == _PUBLISH:
-                        topic, payload, qos, retain, _, pid = decode_publish(first, body)
+                        topic, payload, qos, retain, _, pid = decode_publish(
+                            first, body, not self._borrow)
                         if qos == 2:  # we never ask for qos 2, and cannot honour its handshake
                             raise MalformedPacket("qos")  # 2: never asked for
                         if self._on_message is not None:

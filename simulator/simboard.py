@@ -25,6 +25,7 @@ import asyncio
 import micropython
 
 from display import Display
+from mqtt import open_link
 
 from micropython import const  # MicroPython only: no fallback to load
 
@@ -34,6 +35,7 @@ _PRESS_SLOTS = const(16)  # queued presses; overflow drops the newest, counted
 _LINE_SLOTS = const(64)  # event lines waiting for the socket; overflow drops the oldest
 _MAX_LINE = const(512)  # longest command line accepted
 _HEAP_EVERY_MS = const(2000)  # the live heap is sampled this often
+_CHUNK = const(128)  # control-channel bytes read per poll
 
 
 class SimPin:
@@ -169,6 +171,8 @@ class SimBoard:
                         "uplink_errors": app.uplink_errors, "draw_errors": app.draw_errors,
                         "misuse": r.misuse, "rapid": r.rapid, "unrated": r.unrated,
                         "jd": j.depth, "next": j.next_seq, "rc": app.client.reconnects,
+                        "rx_dropped": getattr(app.client, "dropped_incoming", 0),
+                        "rx_errors": getattr(app.client, "callback_errors", 0),
                         "state": app.rating.view().get("state"), "stuck": app.keys.stuck})
         return out
 
@@ -199,47 +203,63 @@ class SimBoard:
             return {"e": "display", "fail": self.fail_display}
         return {"e": "error", "c": c, "why": "c"}  # not a command we know
 
-    async def _reader(self, reader):
+    def _commands(self, got, end):
+        # The whole lines in got[:end]: each a command, answered through event(). Returns
+        # how many bytes a partial last line keeps.
+        start = 0
         while True:
-            line = await reader.readline()
-            if not line:
-                return
-            if len(line) > _MAX_LINE:
-                continue
+            nl = got.find(b"\n", start, end)
+            if nl < 0:
+                break
+            cmd = None
             try:
-                cmd = json.loads(line)
+                cmd = json.loads(got[start:nl])
                 reply = self._command(cmd)
             except (ValueError, TypeError, AttributeError):
                 reply = {"e": "error", "why": "bad"}  # not a command
             if reply is not None:
-                if "id" in cmd:
+                if isinstance(cmd, dict) and "id" in cmd:
                     reply["id"] = cmd["id"]
                 self.event(reply)
+            start = nl + 1
+        if start:
+            got[:end - start] = got[start:end]
+        return end - start
 
     async def _control(self):
-        # Keeps a connection to the simulator; the device runs on without one.
+        # Keeps a connection to the simulator; the device runs on without one. One task
+        # polls the socket both ways every 10 ms (firmware/mqtt.py's Link, as the MQTT
+        # client uses: no asyncio streams on the device's heap).
+        got = bytearray(_MAX_LINE)  # received, up to a whole line
+        scratch = bytearray(_CHUNK)  # what one poll reads: nothing allocated while idle
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.ctl_port)
+                link, _ = await open_link("127.0.0.1", self.ctl_port)
             except OSError:
                 await asyncio.sleep_ms(500)
                 continue
             self._lines.insert(0, json.dumps({"e": "hello", "d": self.device_id,
                                               "rst": self._rst, "board": self.name}))
-            task = asyncio.create_task(self._reader(reader))
+            end = 0
             try:
                 while True:
                     while self._lines:
-                        writer.write(self._lines.pop(0).encode() + b"\n")
-                    await writer.drain()
-                    if task.done():
-                        break
-                    await asyncio.sleep_ms(10)
+                        link.write(self._lines.pop(0).encode() + b"\n")
+                    await link.drain()
+                    if end == len(got):
+                        end = 0  # a line longer than any command: dropped
+                    n = link.s.readinto(scratch, min(_CHUNK, len(got) - end))
+                    if n == 0:
+                        break  # the simulator closed the channel
+                    if n:
+                        got[end:end + n] = memoryview(scratch)[:n]
+                        end = self._commands(got, end + n)
+                    else:
+                        await asyncio.sleep_ms(10)
             except OSError:
                 pass
-            task.cancel()
             try:
-                writer.close()
+                link.close()
             except OSError:
                 pass
             await asyncio.sleep_ms(500)
