@@ -25,6 +25,7 @@ def device():
 def _register():
     # Each component owns its group; importing here keeps `pingjia --help` one place.
     from simulator.cli import sim, province
+    from simulator.bench import bench
     from agent.cli import agent
     from hub.cli_admin import register as register_admin
     from hub.cli_run import register as register_run
@@ -43,6 +44,7 @@ def _register():
     cli.add_command(sim)
     cli.add_command(province)
     cli.add_command(agent)
+    cli.add_command(bench)
 
 
 _register()
