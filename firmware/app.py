@@ -185,13 +185,13 @@ class App:
     def _check_room(self):
         # The journal decides whether another vote fits; the rating refuses prompts (and
         # shows the QR code) while it does not, and takes them again once acks free room.
-        room = self.journal.can_append(_VOTE_ROOM)
+        room = bool(self.journal.can_append(_VOTE_ROOM))
         if room == self._full:
             self._full = not room
             self.rating.set_full(not room)
 
     # ---- downlink -----------------------------------------------------------------------
-    def _on_message(self, topic, payload, retained):
+    def _on_message(self, topic, payload, retain):
         if not topic.startswith(self._dn):
             self.bad_downlinks += 1
             return
@@ -280,12 +280,13 @@ class App:
             self.bad_downlinks += 1
             return None
 
-    def _queue_evt(self, pid, outcome):
+    def _queue_evt(self, pid, st):
+        # st: the prompt's outcome (shown, busy, full or bad)
         if len(self._evts) >= _EVT_SLOTS:
             self._evts.pop(0)
             self.evt_dropped += 1
-        self._evts.append((pid, outcome))
-        self._event({"e": "offer", "pid": pid, "st": outcome})
+        self._evts.append((pid, st))
+        self._event({"e": "offer", "pid": pid, "st": st})
         self._kicked = True
 
     async def _on_connect(self, client):
@@ -305,7 +306,7 @@ class App:
         clock = self.clock
         oldest_t = j.oldest_t
         hb = {"v": codec.PROTO, "d": self.device_id, "fw": VERSION,
-              "board": _attr(board, "name", "unknown"),
+              "board": _attr(board, "name", ""),
               "up": clock.ticks_diff(clock.ticks_ms(), self._boot_ms) // 1000,
               "rst": board.reset_cause(), "heap": gc.mem_free(), "jd": j.depth,
               "old": (self.unix_time() - oldest_t) if oldest_t is not None else 0,
@@ -328,9 +329,9 @@ class App:
                 await client.connected()
             try:
                 if self._evts:
-                    pid, outcome = self._evts[0]
+                    pid, st = self._evts[0]
                     await client.publish(self._up + "evt",
-                                         json.dumps({"pid": pid, "st": outcome}).encode(), 1)
+                                         json.dumps({"pid": pid, "st": st}).encode(), 1)
                     if self._evts and self._evts[0][0] == pid:
                         self._evts.pop(0)
                     continue
@@ -409,7 +410,34 @@ class App:
         if display is not None and self._draw is not None:
             try:
                 view = rating.view()
-                self._page(view)
+                if self._store is not None:
+                    # A catalogue on flash: the bitmaps of the reasons on screen are in
+                    # RAM, no others (loaded when their page shows, so each is one object
+                    # for as long as it is seen, which keeps a scrolling label's start).
+                    store = self._store
+                    shown = self._shown
+                    want = view["reasons"] if view["state"] == "REASONS" else ()
+                    per = view["per_page"]
+                    first = view["page"] * per
+                    last = min(first + per, len(want))
+                    i = 0
+                    while i < len(shown):
+                        entry = shown[i]
+                        keep = False
+                        for k in range(first, last):
+                            if want[k] is entry:
+                                keep = True
+                        if keep:
+                            i += 1
+                        else:
+                            entry["bm"] = None
+                            shown.pop(i)
+                    for k in range(first, last):
+                        entry = want[k]
+                        ref = entry.get("f")
+                        if ref is not None and entry.get("bm") is None:
+                            entry["bm"] = store.load(ref)
+                            shown.append(entry)
                 self._draw(display, view, now)
                 view = None
             except Exception:  # noqa: BLE001 - a screen bug must not stop the votes
@@ -420,37 +448,6 @@ class App:
             prompt = rating.prompt
             self._event({"e": "state", "st": state,
                          "pid": prompt.get("pid") if isinstance(prompt, dict) else None})
-
-    def _page(self, view):
-        # A catalogue on flash: the bitmaps of the reasons on screen are in RAM, no others.
-        # (Loaded when their page shows, so each is one object for as long as it is seen,
-        # which keeps a scrolling label's start.)
-        store = self._store
-        if store is None:
-            return
-        shown = self._shown
-        want = view["reasons"] if view["state"] == "REASONS" else ()
-        per = view["per_page"]
-        first = view["page"] * per
-        last = min(first + per, len(want))
-        i = 0
-        while i < len(shown):
-            entry = shown[i]
-            keep = False
-            for k in range(first, last):
-                if want[k] is entry:
-                    keep = True
-            if keep:
-                i += 1
-            else:
-                entry["bm"] = None
-                shown.pop(i)
-        for k in range(first, last):
-            entry = want[k]
-            ref = entry.get("f")
-            if ref is not None and entry.get("bm") is None:
-                entry["bm"] = store.load(ref)
-                shown.append(entry)
 
     def step(self, n):
         """One scan of the user interface; n counts scans (for the slower duties)."""

@@ -165,14 +165,15 @@ def _scan(f):
 
 
 class Catalogue:
-    """The catalogue files in folder `folder`: cat.json (as received) and cat.bin (its
+    """The catalogue files in folder `path`: cat.json (as received) and cat.bin (its
     bitmaps, decoded). Once the rating took a catalogue, the app hands the rating this
     object as the catalogue itself: catalogue["rs"] reads the reasons from flash when a
     bad rating needs them, so between bad ratings none of it is in RAM."""
 
-    def __init__(self, folder):
-        self._json = folder + "/cat.json"
-        self._bin = folder + "/cat.bin"
+    def __init__(self, path):
+        # path: the folder the files go in
+        self._json = path + "/cat.json"
+        self._bin = path + "/cat.bin"
         self.cv = None  # version of the catalogue in use; None: none taken since boot
         self.gen = 0  # bumps with every catalogue taken: older bitmaps no longer load
 
@@ -245,13 +246,13 @@ class Catalogue:
                 entries.append(entry)
         return cv, entries
 
-    def load(self, ref):
+    def load(self, f):
         """The device bitmap a reason's "f" ref locates, or None (an older catalogue's)."""
-        if ref >> 28 != self.gen:
+        if f >> 28 != self.gen:
             return None
         try:
-            with open(self._bin, "rb") as f:
-                f.seek((ref >> 12) & 0xFFFF)
-                return f.read(ref & 0xFFF)
+            with open(self._bin, "rb") as fd:
+                fd.seek((f >> 12) & 0xFFFF)
+                return fd.read(f & 0xFFF)
         except OSError:
             return None

@@ -77,7 +77,7 @@ class MalformedPacket(MQTTError):
 def encode_length(value):
     """The remaining-length varint: 7 bits a byte, low group first, top bit = more."""
     if value < 0 or value > _MAX_REMAINING:
-        raise MQTTError("length")
+        raise MQTTError("length")  # past 268435455
     out = bytearray()
     while True:
         digit = value & 0x7F
@@ -102,14 +102,14 @@ def _string(value):
     # A length-prefixed field; 65535 bytes at most.
     raw = _raw(value)
     if len(raw) > 65535:
-        raise MQTTError("length")
+        raise MQTTError("length")  # a field over 65535 bytes
     return bytes((len(raw) >> 8, len(raw) & 0xFF)) + raw
 
 
 def _pid16(pid):
     # A packet id (1..65535) as its two bytes.
     if not isinstance(pid, int) or pid < 1 or pid > 65535:
-        raise MQTTError("packet id")
+        raise MQTTError("pid")  # not 1..65535
     return bytes((pid >> 8, pid & 0xFF))
 
 
@@ -140,7 +140,7 @@ def connect_packet(client_id, keepalive=30, clean_session=True, will=None, user=
         raise MQTTError("keepalive")
     if not client_id and not clean_session:
         # 3.1.3.1: a broker rejects an empty client id with a persistent session
-        raise MQTTError("client id")
+        raise MQTTError("client_id")
     if password is not None and user is None:
         raise MQTTError("user")  # MQTT 3.1.1: no password without a user name
     flags = 0x02 if clean_session else 0
@@ -171,7 +171,7 @@ def publish_header(topic, payload_len, qos=0, retain=False, dup=False, pid=0):
     elif qos != 0:
         raise MQTTError("qos")
     elif pid or dup:
-        raise MQTTError("packet id")  # a qos 0 publish has no packet id and no DUP
+        raise MQTTError("pid")  # a qos 0 publish has no packet id and no DUP
     first = _PUBLISH | (qos << 1) | (_DUP if dup else 0) | (_RETAIN if retain else 0)
     return bytes((first,)) + encode_length(len(var) + payload_len) + var
 
@@ -192,12 +192,12 @@ def decode_publish(first, body, copy=True):
             pass
     if not topic or "+" in topic or "#" in topic:
         # bad flags, a header running past the end, a topic that is not UTF-8 or not one
-        raise MalformedPacket("PUBLISH")
+        raise MalformedPacket("topic")
     pid = 0
     if qos:
         pid = (body[start] << 8) | body[start + 1]
         if not pid:
-            raise MalformedPacket("packet id")
+            raise MalformedPacket("pid")  # packet id 0
     payload = body[pos:]
     return (topic, bytes(payload) if copy else payload, qos, bool(first & _RETAIN),
             bool(first & _DUP), pid)
@@ -423,7 +423,7 @@ class MQTTClient:
         payload = _raw(payload)
         if not qos:
             if not self._connected:
-                raise OSError(errno.ENOTCONN, "not connected")
+                raise OSError(errno.ENOTCONN)
             await self._send(publish_header(topic, len(payload), 0, retain), payload,
                              self._gen)
             return
@@ -460,7 +460,7 @@ class MQTTClient:
             await self._send(bytes((_SUBSCRIBE,)) + encode_length(len(body)) + body, None, gen)
             if not await self._wait_ack(gen):
                 # SUBSCRIBE cannot be resent with DUP; a broker this slow is as good as gone.
-                exc = OSError(errno.ETIMEDOUT, "no SUBACK")
+                exc = OSError(errno.ETIMEDOUT)  # no SUBACK
                 self._fail(exc, gen)
                 raise exc
             return self._ack_code
@@ -477,7 +477,7 @@ class MQTTClient:
                 await self._send(b"\xe0\x00", None, gen)  # DISCONNECT
             except OSError:
                 pass
-        self._fail("closed", gen)  # by disconnect()
+        self._fail("disconnect", gen)
         self._end_link()
 
     # -- link ------------------------------------------------------------------------------
@@ -487,7 +487,7 @@ class MQTTClient:
         while self._busy:
             await _sleep_ms(_POLL_MS)
         if not self._connected:
-            raise OSError(errno.ENOTCONN, "not connected")
+            raise OSError(errno.ENOTCONN)
         self._busy = True
         self._ack_code = -1
         return self._gen
@@ -499,7 +499,7 @@ class MQTTClient:
         while not task.done():
             if ticks_diff(ticks_ms(), start) >= self._ack_ms:
                 task.cancel()
-                raise OSError(errno.ETIMEDOUT, "timed out")
+                raise OSError(errno.ETIMEDOUT)
             await _sleep_ms(_POLL_MS)
         return await task
 
@@ -517,10 +517,10 @@ class MQTTClient:
         await self._send(self._connect_pkt, None, gen)
         body = self._mv[:2]
         if await self._within(self._read_fixed_header()) != (_CONNACK, 2):
-            raise MalformedPacket("CONNACK")  # something else came first
+            raise MalformedPacket()  # not a CONNACK
         await self._within(self._fill(body))
         if body[0] & 0xFE:  # only the session-present bit may be set
-            raise MalformedPacket("CONNACK")  # reserved bits set
+            raise MalformedPacket()  # a CONNACK with reserved bits set
         self.session_present = bool(body[0])
         if body[1]:
             raise OSError(errno.ECONNREFUSED, "CONNACK refused, code %d" % body[1])
@@ -554,7 +554,7 @@ class MQTTClient:
             await _sleep_ms(_POLL_MS // 4)
         writer = self._writer
         if writer is None or not self._link_ok or gen != self._gen:
-            raise OSError(errno.ENOTCONN, "not connected")
+            raise OSError(errno.ENOTCONN)
         self._writing = True
         try:
             writer.write(head)
@@ -580,7 +580,7 @@ class MQTTClient:
         if self._ack_code >= 0:
             return True
         if gen != self._gen or not self._connected:
-            raise OSError(errno.ECONNRESET, "no ack")  # the link went first
+            raise OSError(errno.ECONNRESET)  # the link went before the ack came
         return False
 
     # -- receiving ---------------------------------------------------------------------------
@@ -592,7 +592,7 @@ class MQTTClient:
         reader = self._reader
         while got < want:
             if reader is None:
-                raise OSError(errno.ENOTCONN, "not connected")
+                raise OSError(errno.ENOTCONN)
             if hasattr(reader, "readinto"):
                 # MicroPython streams read straight into our buffer.
                 n = await reader.readinto(mv[got:] if got else mv)
@@ -603,7 +603,7 @@ class MQTTClient:
                 n = len(chunk)
                 mv[got:got + n] = chunk
             if not n:
-                raise OSError(errno.ECONNRESET, "EOF")  # the broker closed
+                raise OSError(errno.ECONNRESET)  # the broker closed the link
             got += n
             self._last_rx = ticks_ms()
 
@@ -620,7 +620,7 @@ class MQTTClient:
                 return first, length
         # Without a length the stream cannot be re-framed: only a new link recovers.
         self.dropped_incoming += 1
-        raise OSError(errno.EIO, "length")  # a length over 4 bytes
+        raise OSError(errno.EIO)  # a remaining length over 4 bytes
 
     async def _rx_loop(self, gen):
         buf = self._mv
@@ -700,13 +700,13 @@ class MQTTClient:
                         # subscribe one filter at a time.
                         pid = (body[0] << 8) | body[1]
                         if not pid:
-                            raise MalformedPacket("packet id")
+                            raise MalformedPacket("pid")  # packet id 0
                         if self._wait == (first << 16) | pid:
                             self._ack_code = body[2] if first == _SUBACK else 0
                         # else: a late ack for an earlier try of the same message; harmless
                     elif first != _PINGRESP or length:
                         # (a PINGRESP needs nothing: its arrival refreshed _last_rx)
-                        raise MalformedPacket("packet")  # not one a broker sends
+                        raise MalformedPacket()  # not a packet a broker sends
                 except MalformedPacket:
                     self.dropped_incoming += 1
         except Exception as exc:  # any fault, even our own bug, ends only this link

@@ -123,10 +123,6 @@ def _text(fb, s, x, y, c=1):
     return x + 8 * len(s)
 
 
-def _ui(fb, i, x, y, invert=False):
-    return blit(fb, TEXTS[i], x, y, invert)
-
-
 def _key_row(fb, first, y, chosen=-1):
     """The five labels TEXTS[first..first+4] over the keys; label `chosen` inverted.
 
@@ -174,7 +170,7 @@ def _staff(fb, ctx, x, y, parts=3):
         x += blit(fb, name, x, y) + 6
     sn = ctx.get("sn") or ""
     if sn and parts & 2:
-        x += _ui(fb, _T_STAFF_NO, x, y + _LABEL_Y_GAP) + 2
+        x += blit(fb, TEXTS[_T_STAFF_NO], x, y + _LABEL_Y_GAP) + 2
         x = _text(fb, sn, x, y + _TEXT_Y_GAP)
     return x
 
@@ -202,7 +198,7 @@ def _window(fb, ctx, y):
     w_id = ctx.get("w") or ""
     if win is None and not w_id:
         return False
-    x = _ui(fb, _T_WINDOW, 0, y + _LABEL_Y_GAP) + 4
+    x = blit(fb, TEXTS[_T_WINDOW], 0, y + _LABEL_Y_GAP) + 4
     if win is not None:
         blit(fb, win, x, y)
     else:
@@ -211,23 +207,6 @@ def _window(fb, ctx, y):
 
 
 # ---- the screens ------------------------------------------------------------------------
-def draw_off(fb, view, now):
-    top = _window(fb, view.get("ctx") or {}, 0)
-    _centre(fb, _T_PAUSED, 24 if top else (fb.height - TEXTS[_T_PAUSED][-1]) // 2)
-
-
-def draw_idle(fb, view, now):
-    ctx = view.get("ctx") or {}
-    _window(fb, ctx, 0)
-    w = _width_of_staff(ctx)
-    if w <= fb.width:
-        _staff(fb, ctx, max(0, (fb.width - w) // 2), 22)
-    else:  # narrow panel: name on one row, 工号 below the hint's row
-        _staff(fb, ctx, 0, 18, 1)
-        _staff(fb, ctx, 0, 32, 2)
-    _centre(fb, _T_PLEASE_RATE, fb.height - TEXTS[_T_PLEASE_RATE][-1])
-
-
 def draw_prompt(fb, view, now, saving=False):
     W = fb.width
     prompt = view.get("prompt") or {}
@@ -236,7 +215,7 @@ def draw_prompt(fb, view, now, saving=False):
     item = prompt.get("item")
     moving = False
     if item is None:
-        _ui(fb, _T_PLEASE_RATE, 0, 0)
+        blit(fb, TEXTS[_T_PLEASE_RATE], 0, 0)
     else:
         w = width(item)
         blit(fb, item, -marquee(w, W, _elapsed(0, item, now)), 0)
@@ -265,9 +244,9 @@ def draw_prompt(fb, view, now, saving=False):
     if batch_w:
         right -= batch_w
         x = right + 6
-        x += _ui(fb, _T_BATCH_OPEN, x, y2 + _LABEL_Y_GAP) + 2
+        x += blit(fb, TEXTS[_T_BATCH_OPEN], x, y2 + _LABEL_Y_GAP) + 2
         x = _number(fb, n, x, y2 + _TEXT_Y_GAP) + 2
-        _ui(fb, _T_BATCH_CLOSE, x, y2 + _LABEL_Y_GAP)
+        blit(fb, TEXTS[_T_BATCH_CLOSE], x, y2 + _LABEL_Y_GAP)
     if staff_w <= right:
         _staff(fb, ctx, 0, y2)
     elif ctx.get("name") is not None:
@@ -292,7 +271,7 @@ def draw_prompt(fb, view, now, saving=False):
     if case:
         x = 0
         if note < 0:
-            x = _ui(fb, _T_CASE_NO, 0, y3 + _LABEL_Y_GAP) + 4
+            x = blit(fb, TEXTS[_T_CASE_NO], 0, y3 + _LABEL_Y_GAP) + 4
         max_chars = (room - x) // 8
         y = y3 + _TEXT_Y_GAP
         if len(case) <= max_chars:
@@ -380,7 +359,7 @@ def draw_reasons(fb, view, now):
         elif hint:
             _text(fb, str(hint)[:_PANEL_W // 8], px, 20)
         else:
-            _ui(fb, _T_PICK_REASONS, px, 14)
+            blit(fb, TEXTS[_T_PICK_REASONS], px, 14)
         if pages > 1:
             x = _number(fb, (view.get("page") or 0) + 1, px, 40)
             fb.text("/", x, 40, 1)
@@ -399,73 +378,75 @@ def draw_reasons(fb, view, now):
     return moving
 
 
-def draw_thanks(fb, view, now):
-    stars = view.get("stars") or 0
-    if not 1 <= stars <= 5:
-        _centre(fb, _T_THANKS, (fb.height - TEXTS[_T_THANKS][-1]) // 2)
-        return False
-    # The level just recorded, under the thanks: the citizen sees what went in.
-    _centre(fb, _T_THANKS, 8)
-    label = TEXTS[_T_LEVEL_5 + 5 - stars]
-    x = max(0, (fb.width - (width(label) + 8 + 11 * stars)) // 2)
-    x += blit(fb, label, x, 44) + 8
-    for i in range(stars):
-        blit(fb, _STAR, x + 11 * i, 45)
-    return False
-
-
-def draw_full(fb, view, now):
-    qr = view.get("qr")
-    H = fb.height
-    if qr is None:
-        _centre(fb, _T_NO_RATING, 8)
-        _centre(fb, _T_ASK_STAFF, 40)
-        return False
-    # The QR module matrix (one bit per module) scaled into an H x H square. Dark modules
-    # must be dark on a light ground for phone cameras, so on this light-on-dark panel the
-    # square is lit and the dark modules are left unlit.
-    qw = width(qr)
-    qh = qr[-1]
-    stride = (qw + 7) >> 3
-    n = max(qw, qh)
-    scale = max(1, (H - 4) // n)
-    quiet = max(0, (H - n * scale) // 2)
-    fb.fill_rect(0, 0, H, H, 1)
-    for my in range(qh):
-        py = quiet + my * scale
-        for mx in range(qw):
-            if qr[my * stride + (mx >> 3)] & (0x80 >> (mx & 7)):
-                fb.fill_rect(quiet + mx * scale, py, scale, scale, 0)
-    x = H + 6
-    room = fb.width - x
-    for i, y in ((_T_SCAN_QR, 10), (_T_SCAN_HOW, 42)):
-        t = TEXTS[i]
-        if width(t) <= room:
-            blit(fb, t, x + (room - width(t)) // 2, y)
-    return False
-
-
 def draw(fb, view, now=0):
     """Clear fb and paint `view`; `now` is ticks_ms (drives scrolling).
 
     Returns True while something on screen scrolls (the caller redraws a few times a
     second). Bitmaps in the view are device bitmaps (display.bitmap() of the wire form).
+    The simple screens are drawn here; PROMPT/SAVING and REASONS have functions of their
+    own (each function costs the device heap, so small screens get none).
     """
     fb.fill(0)
     state = view.get("state")
+    W = fb.width
+    H = fb.height
     if state == "SAVING" or state == "PROMPT":
         return bool(draw_prompt(fb, view, now, state == "SAVING"))
     if state == "REASONS":
         return bool(draw_reasons(fb, view, now))
-    if state == "IDLE":
-        draw_idle(fb, view, now)
-    elif state == "OFF":
-        draw_off(fb, view, now)
+    if state == "OFF":  # 暂停服务, under the window when it is known
+        top = _window(fb, view.get("ctx") or {}, 0)
+        _centre(fb, _T_PAUSED, 24 if top else (H - TEXTS[_T_PAUSED][-1]) // 2)
+    elif state == "IDLE":
+        ctx = view.get("ctx") or {}
+        _window(fb, ctx, 0)
+        w = _width_of_staff(ctx)
+        if w <= W:
+            _staff(fb, ctx, max(0, (W - w) // 2), 22)
+        else:  # narrow panel: name on one row, 工号 below the hint's row
+            _staff(fb, ctx, 0, 18, 1)
+            _staff(fb, ctx, 0, 32, 2)
+        _centre(fb, _T_PLEASE_RATE, H - TEXTS[_T_PLEASE_RATE][-1])
     elif state == "THANKS":
-        draw_thanks(fb, view, now)
+        stars = view.get("stars") or 0
+        if not 1 <= stars <= 5:
+            _centre(fb, _T_THANKS, (H - TEXTS[_T_THANKS][-1]) // 2)
+            return False
+        # The level just recorded, under the thanks: the citizen sees what went in.
+        _centre(fb, _T_THANKS, 8)
+        label = TEXTS[_T_LEVEL_5 + 5 - stars]
+        x = max(0, (W - (width(label) + 8 + 11 * stars)) // 2)
+        x += blit(fb, label, x, 44) + 8
+        for i in range(stars):
+            blit(fb, _STAR, x + 11 * i, 45)
     elif state == "FULL":
-        draw_full(fb, view, now)
+        qr = view.get("qr")
+        if qr is None:
+            _centre(fb, _T_NO_RATING, 8)
+            _centre(fb, _T_ASK_STAFF, 40)
+            return False
+        # The QR module matrix (one bit per module) scaled into an H x H square. Dark
+        # modules must be dark on a light ground for phone cameras, so on this light-on-
+        # dark panel the square is lit and the dark modules are left unlit.
+        qw = width(qr)
+        qh = qr[-1]
+        stride = (qw + 7) >> 3
+        n = max(qw, qh)
+        scale = max(1, (H - 4) // n)
+        quiet = max(0, (H - n * scale) // 2)
+        fb.fill_rect(0, 0, H, H, 1)
+        for my in range(qh):
+            py = quiet + my * scale
+            for mx in range(qw):
+                if qr[my * stride + (mx >> 3)] & (0x80 >> (mx & 7)):
+                    fb.fill_rect(quiet + mx * scale, py, scale, scale, 0)
+        x = H + 6
+        room = W - x
+        for i, y in ((_T_SCAN_QR, 10), (_T_SCAN_HOW, 42)):
+            t = TEXTS[i]
+            if width(t) <= room:
+                blit(fb, t, x + (room - width(t)) // 2, y)
     else:  # a state this firmware does not know: say so rather than go blank
         _text(fb, "state?", 0, 0)
-        _text(fb, str(state)[: fb.width // 8], 0, 12)
+        _text(fb, str(state)[: W // 8], 0, 12)
     return False

@@ -50,12 +50,12 @@ class SimPin:
 
 
 class SimBoard:
-    def __init__(self, spec, device_id, ctl_port=0, workdir=".", reset_cause="power"):
+    def __init__(self, spec, device_id, ctl_port=0, path=".", reset_cause="power"):
+        # path: the device's own directory, its flash
         # The spec (board.json) is read here and not kept: the caller drops it after boot.
         self.name = spec.get("board", "sim-v1")
         self.device_id = device_id
         self.ctl_port = ctl_port
-        self.workdir = workdir
         keys = spec.get("keys") or [{"stars": s, "active": 0} for s in (5, 4, 3, 2, 1)]
         self.key_active = keys[0].get("active", 0)
         self.keys_pins = {}
@@ -67,8 +67,8 @@ class SimBoard:
         self.fail_display = False
         flash = spec.get("flash") or {}
         jdir = flash.get("journal_dir", "journal")
-        self.journal_dir = jdir if jdir.startswith("/") else workdir.rstrip("/") + "/" + jdir
-        self.files = workdir  # the device's own files (the catalogue), beside the journal
+        self.journal_dir = jdir if jdir.startswith("/") else path.rstrip("/") + "/" + jdir
+        self.files = path  # the device's own files (the catalogue), beside the journal
         self.journal_segments = flash.get("journal_segments", 16)
         self.segment_bytes = flash.get("segment_bytes", 4096)
         self._rst = reset_cause
@@ -84,7 +84,6 @@ class SimBoard:
         self._writer = None
         self.presses_dropped = 0
         self.lines_dropped = 0
-        self.commands = 0
         self.live_max = 0
 
     # ---- the board interface the app uses ---------------------------------------------
@@ -177,7 +176,7 @@ class SimBoard:
         return out
 
     def _command(self, cmd):
-        self.commands += 1
+        # cmd: one command from the simulator, a dict
         c = cmd.get("c")
         if c == "press" or c == "hold":
             stars = cmd.get("stars")
@@ -202,29 +201,6 @@ class SimBoard:
             self.fail_display = bool(cmd.get("fail"))
             return {"e": "display", "fail": self.fail_display}
         return {"e": "error", "c": c, "why": "c"}  # not a command we know
-
-    def _commands(self, got, end):
-        # The whole lines in got[:end]: each a command, answered through event(). Returns
-        # how many bytes a partial last line keeps.
-        start = 0
-        while True:
-            nl = got.find(b"\n", start, end)
-            if nl < 0:
-                break
-            cmd = None
-            try:
-                cmd = json.loads(got[start:nl])
-                reply = self._command(cmd)
-            except (ValueError, TypeError, AttributeError):
-                reply = {"e": "error", "why": "bad"}  # not a command
-            if reply is not None:
-                if isinstance(cmd, dict) and "id" in cmd:
-                    reply["id"] = cmd["id"]
-                self.event(reply)
-            start = nl + 1
-        if start:
-            got[:end - start] = got[start:end]
-        return end - start
 
     async def _control(self):
         # Keeps a connection to the simulator; the device runs on without one. One task
@@ -251,11 +227,32 @@ class SimBoard:
                     n = link.s.readinto(scratch, min(_CHUNK, len(got) - end))
                     if n == 0:
                         break  # the simulator closed the channel
-                    if n:
-                        got[end:end + n] = memoryview(scratch)[:n]
-                        end = self._commands(got, end + n)
-                    else:
+                    if not n:
                         await asyncio.sleep_ms(10)
+                        continue
+                    got[end:end + n] = memoryview(scratch)[:n]
+                    end += n
+                    # Each whole line is a command, answered through event(); a partial
+                    # last line waits at the start of got for the rest.
+                    start = 0
+                    while True:
+                        nl = got.find(b"\n", start, end)
+                        if nl < 0:
+                            break
+                        c = None
+                        try:
+                            c = json.loads(got[start:nl])
+                            reply = self._command(c)
+                        except (ValueError, TypeError, AttributeError):
+                            reply = {"e": "error", "why": "bad"}  # not a command
+                        if reply is not None:
+                            if isinstance(c, dict) and "id" in c:
+                                reply["id"] = c["id"]
+                            self.event(reply)
+                        start = nl + 1
+                    if start:
+                        got[:end - start] = got[start:end]
+                        end -= start
             except OSError:
                 pass
             try:

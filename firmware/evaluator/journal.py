@@ -45,14 +45,6 @@ def _default_sync(f):
         _fsync(f.fileno())
 
 
-def _name_seq(name):
-    # "j%010d.log" -> the first seq the segment holds; -1 for any other file.
-    d = name[1:11]
-    if len(name) == 15 and name[0] == "j" and name[11:] == ".log" and d.isdigit():
-        return int(d)
-    return -1
-
-
 class Journal:
     """Durable, ordered, append-only store of (seq, t, payload) records.
 
@@ -134,8 +126,9 @@ class Journal:
                 # The power went during an earlier cut, before the rename: the segment is
                 # still whole and its cut is simply redone below.
                 os.remove(self._dir + "/" + name)
-            elif _name_seq(name) >= 0:
-                firsts.append(_name_seq(name))
+            elif (len(name) == 15 and name[0] == "j" and name[11:] == ".log"
+                  and name[1:11].isdigit()):
+                firsts.append(int(name[1:11]))  # "j%010d.log": the first seq it holds
         firsts.sort()
         end = 0  # the seq after the last good record so far
         for first in firsts:
@@ -199,14 +192,14 @@ class Journal:
         except OSError as e:
             raise JournalError("cannot cut %s: %s" % (path, e))
 
-    def _spent(self, seg):
-        # May go: empty, or every record in it acked by the hub.
-        return seg[0] + seg[1] - 1 <= self.acked or not seg[1]
-
-    def _trim(self):
-        # Never the active (newest) segment: its name carries the next sequence number.
+    def _trim(self, dry=False):
+        # Deletes the segments that may go: empty, or every record in it acked by the hub
+        # -- never the active (newest) one: its name carries the next sequence number.
+        # With dry, only says whether one may.
         for seg in self._segs[:-1]:
-            if self._spent(seg):
+            if seg[0] + seg[1] - 1 <= self.acked or not seg[1]:
+                if dry:
+                    return True
                 try:
                     os.remove(self._path(seg[0]))
                     self._segs.remove(seg)
@@ -214,6 +207,7 @@ class Journal:
                     # Retried at the next ack or rotation; its records are acked, so at
                     # worst they are sent again and the hub acks them again.
                     self.trim_failures += 1
+        return False
 
     def _new_segment(self, need):
         if not self._segs:
@@ -227,7 +221,7 @@ class Journal:
             return False
         segs = self._segs
         return (not self._new_segment(size + _OVERHEAD) or len(segs) < self._cap
-                or any(self._spent(s) for s in segs[:-1]))
+                or self._trim(True))
 
     def append(self, seq, t, payload):
         """Store one record; returns only once it is durable (one write, one sync)."""
