@@ -225,21 +225,25 @@ class App:
                     if ok:
                         rating.cat = store
                 return
-            # The client's buffer bounds a downlink, so no size check here.
+            # The client's buffer bounds a downlink, so no size check here. With a screen,
+            # the bitmaps' base64 is decoded out of the payload first (display.lift), so
+            # json never builds that text; the bitmaps go to the rating in the screens'
+            # form, and the rating checks the message either way.
+            lifted = None
+            if self._bitmap is not None and (kind == "ctx" or kind == "prompt"):
+                from display import lift
+                lifted = lift(payload)
             msg = json.loads(payload)
             if not isinstance(msg, dict):
                 raise ValueError(kind)  # not an object
-            # The rating checks a message; once it holds one, its bitmaps are decoded in
-            # place into the form the screens draw (the base64 text is garbage from then).
             decode = self._decode
             if kind == "ctx":
-                if rating.set_context(msg):
-                    msg["name"] = decode(msg.get("name"))
-                    msg["win"] = decode(msg.get("win"))
+                msg["name"] = decode(msg.get("name"), lifted)
+                msg["win"] = decode(msg.get("win"), lifted)
+                rating.set_context(msg)
             elif kind == "prompt":
+                msg["item"] = decode(msg.get("item"), lifted)
                 outcome = rating.offer(msg, self.clock.ticks_ms())
-                if rating.prompt is msg:
-                    msg["item"] = decode(msg.get("item"))
                 pid = msg.get("pid")
                 self._queue_evt(pid if isinstance(pid, str) else "", outcome)
             elif kind == "cat":
@@ -268,17 +272,26 @@ class App:
             return self._store.spool()
         return None
 
-    def _decode(self, wire):
-        # A checked wire bitmap in the form the screens draw (as is where there is no
-        # screen). Only base64 that is bad yet of the right length fails here: the screen
-        # then shows what it shows for no bitmap (the identifier, or 请您评价), counted.
-        if self._bitmap is None or wire is None:
+    def _decode(self, wire, lifted=None):
+        # A wire bitmap in the form the screens draw (as is where there is no screen). One
+        # that does not decode stays as it is, for the rating to refuse -- unless it has
+        # the size and length the rating checks and only its base64 is bad: that one is
+        # counted and dropped, and the screen shows what it shows for no bitmap (the
+        # identifier, or 请您评价).
+        if self._bitmap is None or not isinstance(wire, dict):
             return wire
         try:
-            return self._bitmap(wire)
+            return self._bitmap(wire, lifted)
         except ValueError:
-            self.bad_downlinks += 1
-            return None
+            w = wire.get("w")
+            h = wire.get("h")
+            b = wire.get("b")
+            if (isinstance(w, int) and isinstance(h, int) and isinstance(b, str)
+                    and b[:1] != "#" and 0 < w <= 1024 and 0 < h <= 64
+                    and (w + 7) // 8 * h <= 2048 and len(b) == ((w + 7) // 8 * h + 2) // 3 * 4):
+                self.bad_downlinks += 1
+                return None
+            return wire
 
     def _queue_evt(self, pid, st):
         # st: the prompt's outcome (shown, busy, full or bad)
@@ -305,6 +318,9 @@ class App:
         board = self.board
         clock = self.clock
         oldest_t = j.oldest_t
+        # "heap": free heap after a collection, so it is what the app could still use
+        # (without one, garbage not yet collected would count as used).
+        gc.collect()
         hb = {"v": codec.PROTO, "d": self.device_id, "fw": VERSION,
               "board": _attr(board, "name", ""),
               "up": clock.ticks_diff(clock.ticks_ms(), self._boot_ms) // 1000,

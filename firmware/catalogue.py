@@ -209,8 +209,8 @@ class Catalogue:
 
     def __getitem__(self, key):
         # What the rating reads of its catalogue: "cv", and "rs" when a bad rating opens
-        # the reasons (each {"c", "a"?, "bm": None, "f": ref}). A flash that fails here
-        # leaves the citizen the built-in reasons rather than no vote.
+        # the reasons (each {"c", "a", "bm": None, "f": ref or None}). A flash that fails
+        # here leaves the citizen the built-in reasons rather than no vote.
         if key == "cv":
             return self.cv
         try:
@@ -231,7 +231,11 @@ class Catalogue:
                 f.seek(start)
                 entry = json.loads(f.read(end - start))
                 bm = entry.get("bm")
-                entry["bm"] = None
+                # What the rating and the screen use, nothing else: a small dict, its area
+                # the interned word rather than a string of its own.
+                a = entry.get("a")
+                a = "item" if a == "item" else ("staff" if a == "staff" else a)
+                entry = {"c": entry.get("c"), "a": a, "bm": None, "f": None}
                 if bm is not None:
                     if bins is not None:
                         raw = bitmap(bm)  # ValueError if malformed

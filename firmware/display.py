@@ -21,6 +21,9 @@ from micropython import const  # MicroPython only: no fallback to load
 _MAX_W = const(1024)
 _MAX_H = const(64)
 _MAX_BYTES = const(2048)
+_QUOTE = const(34)
+_BACKSLASH = const(92)
+_COLON = const(58)
 
 
 class Display(framebuf.FrameBuffer):
@@ -65,12 +68,68 @@ class Display(framebuf.FrameBuffer):
             self.sink(self.buffer)
 
 
-def bitmap(wire):
+def lift(mv):
+    """Take the base64 out of a JSON downlink before json.loads sees it.
+
+    mv is the payload, writable (the MQTT client's receive buffer). Every string value
+    longer than 64 characters -- a bitmap's "b" -- is decoded into a bytearray with room
+    for a device bitmap's three trailing bytes, and replaced in mv by "#<index>" and spaces;
+    bitmap(wire, lifted) then finishes it. json.loads never builds the base64 text, the
+    largest object a prompt would otherwise need (2.7 KB for the biggest item bitmap).
+    Returns the list of decoded bytearrays; an entry is None where a string was no base64.
+    """
+    lifted = []
+    n = len(mv)
+    i = 0
+    while i < n:
+        if mv[i] != _QUOTE:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and mv[j] != _QUOTE:
+            j += 2 if mv[j] == _BACKSLASH else 1
+        k = j + 1
+        while k < n and mv[k] in b" \t\r\n":
+            k += 1
+        if j - i - 1 > 64 and j < n and (k >= n or mv[k] != _COLON):  # a long value
+            lifted.append(_unbase64(mv[i + 1:j]))
+            tag = ('#%d"' % (len(lifted) - 1)).encode()
+            mv[i + 1:i + 1 + len(tag)] = tag
+            for m in range(i + 1 + len(tag), j + 1):
+                mv[m] = 32  # whitespace after the string: still JSON
+        i = j + 1
+    return lifted
+
+
+def _unbase64(text):
+    # base64 text (a str, or a memoryview of bytes) -> bytearray(its bytes + 3), decoded 64
+    # characters at a time; None if not base64.
+    if len(text) % 4 or len(text) < 4:
+        return None
+    size = len(text) // 4 * 3
+    for c in (text[-1], text[-2]):
+        if c == 61 or c == "=":  # padding
+            size -= 1
+    out = bytearray(size + 3)
+    at = 0
+    for i in range(0, len(text), 64):
+        try:
+            part = a2b_base64(text[i:i + 64])
+        except (ValueError, TypeError):
+            return None
+        if at + len(part) > size:
+            return None
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out if at == size else None
+
+
+def bitmap(wire, lifted=None):
     """A wire bitmap {"w", "h", "b": base64} as a device bitmap (None stays None).
 
-    Decoded 64 characters at a time straight into the result: no second copy of a
-    kilobyte-sized bitmap, only small pieces of garbage. Raises ValueError for a malformed
-    one; the downlink carrying it is then refused."""
+    "b" may be a "#<index>" that lift() left: its bytes are lifted[index]. Decoded 64
+    characters at a time straight into the result: no second copy of a kilobyte-sized
+    bitmap. Raises ValueError for a malformed one."""
     if wire is None:
         return None
     try:
@@ -79,23 +138,16 @@ def bitmap(wire):
         b = wire["b"]
         need = ((w + 7) >> 3) * h
         ok = (isinstance(w, int) and isinstance(h, int) and 0 < w <= _MAX_W
-              and 0 < h <= _MAX_H and need <= _MAX_BYTES and len(b) == (need + 2) // 3 * 4)
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError("bitmap")
-    out = bytearray(need + 3)
-    at = 0
-    for i in range(0, len(b), 64):
-        try:
-            part = a2b_base64(b[i:i + 64])
-        except (ValueError, TypeError):
-            raise ValueError("bitmap")
-        if at + len(part) > need:
-            raise ValueError("bitmap")
-        out[at:at + len(part)] = part
-        at += len(part)
-    if at != need:
+              and 0 < h <= _MAX_H and need <= _MAX_BYTES)
+        if ok and lifted is not None and b[:1] == "#":
+            out = lifted[int(b[1:])]
+        elif ok and len(b) == (need + 2) // 3 * 4:
+            out = _unbase64(b)
+        else:
+            out = None
+    except (KeyError, TypeError, ValueError, IndexError):
+        out = None
+    if out is None or len(out) != need + 3:
         raise ValueError("bitmap")
     out[need] = w & 0xFF
     out[need + 1] = w >> 8

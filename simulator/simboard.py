@@ -188,10 +188,7 @@ class SimBoard:
             self._presses.append((stars, cmd.get("ms", _PRESS_MS), cmd.get("gap", 0)))
             return None
         if c == "fb":
-            import binascii
-            d = self.display
-            return {"e": "fb", "w": d.width, "h": d.height,
-                    "b": binascii.b2a_base64(d.buffer).decode().strip()}
+            return c  # streamed by _control, piece by piece (a whole copy would not fit)
         if c == "stats" or c == "heap":
             return self.stats(c)
         if c == "flash":
@@ -201,6 +198,24 @@ class SimBoard:
             self.fail_display = bool(cmd.get("fail"))
             return {"e": "display", "fail": self.fail_display}
         return {"e": "error", "c": c, "why": "c"}  # not a command we know
+
+    async def _framebuffer(self, link, rid):
+        # {"e": "fb", "w", "h", "id", "b": base64 of the framebuffer} written a few dozen
+        # bytes at a time: the 2 KB framebuffer as one base64 string, in a JSON line, then
+        # encoded, would need several copies of itself on the 64 KB heap at once.
+        from binascii import b2a_base64
+
+        while self._lines:  # what the device said before this answer goes first
+            link.write(self._lines.pop(0).encode() + b"\n")
+        d = self.display
+        link.write(('{"e": "fb", "w": %d, "h": %d, "id": %s, "b": "'
+                    % (d.width, d.height, json.dumps(rid))).encode())
+        buf = memoryview(d.buffer)
+        for i in range(0, len(buf), 48):
+            link.write(b2a_base64(buf[i:i + 48])[:-1])  # 64 characters, no newline
+            await link.drain()
+        link.write(b'"}\n')
+        await link.drain()
 
     async def _control(self):
         # Keeps a connection to the simulator; the device runs on without one. One task
@@ -243,8 +258,11 @@ class SimBoard:
                         try:
                             c = json.loads(got[start:nl])
                             reply = self._command(c)
-                        except (ValueError, TypeError, AttributeError):
-                            reply = {"e": "error", "why": "bad"}  # not a command
+                        except (ValueError, TypeError, AttributeError, MemoryError):
+                            reply = {"e": "error", "why": "bad"}  # not a command, or no room
+                        if reply == "fb":
+                            await self._framebuffer(link, c.get("id"))
+                            reply = None
                         if reply is not None:
                             if isinstance(c, dict) and "id" in c:
                                 reply["id"] = c["id"]

@@ -331,6 +331,181 @@ def test_a_power_cut_loses_nothing_and_never_reuses_a_sequence(mosquitto):
     run(mosquitto, scenario)
 
 
+# ---- the catalogue on flash, and the heap -------------------------------------------------
+def wire_bitmap(rows):
+    """A wire bitmap (docs/protocol.md) of rows of 0/1, packed MSB first."""
+    import base64
+
+    w = len(rows[0])
+    raw = bytearray()
+    for row in rows:
+        for x in range(0, w, 8):
+            byte = 0
+            for bit in range(8):
+                if x + bit < w and row[x + bit]:
+                    byte |= 0x80 >> bit
+            raw.append(byte)
+    return {"w": w, "h": len(rows), "b": base64.b64encode(bytes(raw)).decode()}
+
+
+def pattern(seed, w, h):
+    # Rows of 0/1 that differ from reason to reason, so each is recognisable on screen.
+    return [[1 if (x * 7 + y * 3 + seed * 5) % (3 + seed % 4) == 0 else 0 for x in range(w)]
+            for y in range(h)]
+
+
+CAT_CV = "test-2026.1"
+REASONS = [("R%02d" % i, "staff" if i < 6 else "item", pattern(i, 128, 16)) for i in range(12)]
+# Twelve 128 x 16 bitmaps: over twice the app's 2 KB receive buffer, so the MQTT client
+# spools it to flash as it arrives (docs/mqtt.md, "Sizes").
+CATALOGUE = json.dumps({"cv": CAT_CV, "rs": [{"c": c, "a": a, "bm": wire_bitmap(rows)}
+                                              for c, a, rows in REASONS]})
+
+
+def publish_raw(hub, topic, payload, retain=False):
+    hub.client.publish(topic, payload.encode(), qos=1, retain=retain).wait_for_publish(5)
+
+
+async def screen(fleet):
+    from simulator.framebuffer import pixels
+
+    w, h, raw = await fleet.framebuffer(DEVICE)
+    return pixels(raw, w, h)
+
+
+def region(px, x, y, w, h):
+    return [row[x:x + w] for row in px[y:y + h]]
+
+
+def test_a_catalogue_bigger_than_the_receive_buffer_reaches_the_screen_from_flash(mosquitto):
+    assert len(CATALOGUE) > 2 * 2048
+
+    async def scenario(fleet, dev, hub):
+        publish_raw(hub, "pj/%s/dn/cat" % DEVICE, CATALOGUE, retain=True)
+        cat_json = os.path.join(fleet.root_dir, DEVICE, "cat.json")
+        await fleet.wait_for(lambda: os.path.exists(cat_json), 15, "cat.json")
+        with open(cat_json) as f:
+            assert json.load(f) == json.loads(CATALOGUE)  # spooled as it came
+        pid = await prompt(fleet, dev, hub)
+        await fleet.press(DEVICE, 2)
+        await fleet.wait_for(lambda: dev.state == "REASONS", 15, "REASONS")
+        await asyncio.sleep(0.5)
+        px = await screen(fleet)
+        # The first page: the cursor's reason inverted, the next one plain, each bitmap as
+        # the hub sent it (loaded from cat.bin for this page only).
+        assert region(px, 16, 0, 128, 16) == [[1 - p for p in row] for row in REASONS[0][2]]
+        assert region(px, 16, 16, 128, 16) == REASONS[1][2]
+        for key in (4, 3, 1):  # 下, 选择, 提交
+            await asyncio.sleep(0.4)
+            await fleet.press(DEVICE, key)
+        await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15, "saved")
+        await fleet.wait_for(lambda: (DEVICE, 1) in hub.votes, 15, "vote at hub")
+        vote = hub.votes[(DEVICE, 1)]
+        assert (vote["stars"], vote["rs"], vote["cv"]) == (2, [REASONS[1][0]], CAT_CV)
+        # A power cut and the same retained catalogue again: read, but nothing rewritten.
+        files = [os.path.join(fleet.root_dir, DEVICE, n) for n in ("cat.json", "cat.bin")]
+        written = [os.stat(f).st_mtime_ns for f in files]
+        births = len(hub.births)
+        await fleet.restart(DEVICE)
+        await fleet.wait_for(lambda: dev.connected and len(hub.births) > births, 30, "back")
+        await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+        await asyncio.sleep(1.0)
+        assert [os.stat(f).st_mtime_ns for f in files] == written
+        # A catalogue the rating refuses (a code twice) leaves the one in use.
+        bad = json.loads(CATALOGUE)
+        bad["cv"] = "bad-1"
+        bad["rs"][1]["c"] = bad["rs"][0]["c"]
+        publish_raw(hub, "pj/%s/dn/cat" % DEVICE, json.dumps(bad))
+        await fleet.wait_for(lambda: os.path.exists(cat_json + ".new") is False, 15, "settled")
+        await asyncio.sleep(1.0)
+        saved = await vote_with_reason(fleet, dev, hub)
+        await fleet.wait_for(lambda: (DEVICE, saved.seq) in hub.votes, 15, "second vote")
+        vote = hub.votes[(DEVICE, saved.seq)]
+        assert (vote["rs"], vote["cv"]) == ([REASONS[0][0]], CAT_CV)
+        with open(cat_json) as f:
+            assert json.load(f)["cv"] == CAT_CV
+
+    run(mosquitto, scenario)
+
+
+async def vote_with_reason(fleet, dev, hub, ttl=60):
+    """A bad rating: 2 stars, the first reason chosen, submitted; returns the saved record."""
+    await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+    pid = await prompt(fleet, dev, hub, ttl)
+    await fleet.press(DEVICE, 2)
+    await fleet.wait_for(lambda: dev.state == "REASONS", 15, "REASONS")
+    for key in (3, 1):  # 选择, 提交
+        await asyncio.sleep(0.4)
+        await fleet.press(DEVICE, key)
+    saved = await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
+                                 "saved " + pid)
+    return saved[0]
+
+
+# The device heap the app must stay within, on this 64-bit host at -X heapsize=64K
+# (64640 bytes for objects): the highest live heap sampled (after a collection) through a
+# catalogue, a signed-in context and prompts with bitmaps, good and bad votes; and the free
+# heap a device reports in its birth with all of that in place (docs/firmware.md, "Memory").
+LIVE_MAX_BYTES = 58 * 1024
+BIRTH_FREE_MIN_BYTES = 10 * 1024
+
+
+def test_the_app_stays_within_its_64k_heap_through_downlinks_and_votes(mosquitto):
+    name = wire_bitmap(pattern(1, 48, 16))
+    win = wire_bitmap(pattern(2, 120, 16))
+    item = wire_bitmap(pattern(3, 256, 32))  # the largest item the hub renders: 2 lines
+
+    async def scenario(fleet, dev, hub):
+        publish_raw(hub, "pj/%s/dn/cat" % DEVICE, CATALOGUE, retain=True)
+        hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": name, "win": win,
+                                 "t": int(time.time())}, retain=True)
+        for i in range(3):
+            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+            pid = "PM%d" % i
+            hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
+                                        "item": item, "ttl": 60, "t": int(time.time())})
+            await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
+            assert dev.offers[pid] == "shown", (dev.offers, await fleet.stats(DEVICE))
+            await asyncio.sleep(0.6)
+            await fleet.press(DEVICE, 5)
+            await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
+                                 "saved " + pid)
+            await vote_with_reason(fleet, dev, hub)
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 6, 15, "six votes at the hub")
+        stats = await fleet.stats(DEVICE)
+        assert 60 * 1024 < stats["size"] <= 64 * 1024, stats  # -X heapsize=64K
+        assert stats["bad_downlinks"] == stats["rx_dropped"] == stats["rx_errors"] == 0, stats
+        assert stats["draw_errors"] == 0 and stats["saved"] == 6, stats
+        assert stats["live_max"] <= LIVE_MAX_BYTES, stats
+        births = len(hub.births)
+        await fleet.restart(DEVICE)  # a birth with the catalogue and the context in place
+        await fleet.wait_for(lambda: len(hub.births) > births, 30, "birth")
+        await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+        assert hub.births[-1]["heap"] >= BIRTH_FREE_MIN_BYTES, hub.births[-1]
+        print("device heap at 64K: live max %d of %d bytes, %d free at birth"
+              % (stats["live_max"], stats["size"], hub.births[-1]["heap"]))
+
+    run(mosquitto, scenario)
+
+
+def test_a_key_scan_allocates_nothing(micropython, tmp_path):
+    """The app scans the keys every 20 ms for ever: no garbage there, so the collector
+    stays idle and the 64 KB heap does not fragment (tests/mp_device/scan_alloc.py)."""
+    from simulator import build as fwbuild
+
+    build = fwbuild.build()
+    proc = subprocess.run([micropython, "-X", "heapsize=512K",
+                           os.path.join(ROOT, "tests", "mp_device", "scan_alloc.py"),
+                           build.out_dir, str(tmp_path)],
+                          env=dict(os.environ, MICROPYPATH=".frozen"), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["idle_state"], out["prompt_state"]) == ("IDLE", "PROMPT")
+    assert out["idle"] == 0  # 600 scans: keys, timeouts, journal room, screen unchanged
+    assert out["prompt"] == 0  # between the countdown's frames
+
+
 # The real-board entry point: firmware/main.py on the ESP32-S3 board layer, with the fake
 # machine/network modules of tests/fake_esp32 and the device's files at "/" (a folder
 # remounted as the root, as a board's flash is).

@@ -40,7 +40,7 @@ class Keys:
         stays down it is reported stuck.
         """
         out = self._out
-        del out[:]
+        out.clear()  # (del out[:] would allocate a slice object on the device)
         diff = self._diff
         changed_stuck = False
         for i in range(len(self._pins)):
@@ -69,11 +69,11 @@ class Keys:
         self._primed = True
         if changed_stuck:
             stuck = self.stuck
-            del stuck[:]
+            stuck.clear()
             for i in range(len(self._stars)):
                 if self._stuck[i]:
                     stuck.append(self._stars[i])
         if len(out) > 1:
             self.chords += 1
-            del out[:]
+            out.clear()
         return out

@@ -89,8 +89,16 @@ def _int(value):
 
 
 def _bitmap(bm, name):
-    # A wire bitmap {"w","h","b"} or None.
+    # A wire bitmap {"w","h","b"}, or None -- or the device's decoded form (its rows, then
+    # width low, width high, height: firmware/display.py), which the device's app gives.
     if bm is None:
+        return
+    if isinstance(bm, (bytes, bytearray)):
+        bw = bm[-3] | bm[-2] << 8 if len(bm) > 3 else 0
+        bh = bm[-1] if len(bm) > 3 else 0
+        if (not 0 < bw <= _MAX_BITMAP_W or not 0 < bh <= _MAX_BITMAP_H
+                or len(bm) != (bw + 7) // 8 * bh + 3 or len(bm) > _MAX_BITMAP_BYTES + 3):
+            raise codec.CodecError(name + ": bitmap size")
         return
     if not isinstance(bm, dict):
         raise codec.CodecError(name + ": bitmap not an object")
