@@ -33,9 +33,10 @@ _PRESS_MS = const(90)  # a citizen's finger: long enough for the 30 ms debounce
 _GAP_MS = const(70)  # released between queued presses
 _PRESS_SLOTS = const(16)  # queued presses; overflow drops the newest, counted
 _LINE_SLOTS = const(64)  # event lines waiting for the socket; overflow drops the oldest
-_MAX_LINE = const(512)  # longest command line accepted
+_LINE_BYTES = const(6144)  # ...and at most this many bytes of them (the heap is 64 KB)
+_MAX_LINE = const(256)  # longest command line accepted (a command is some 60 bytes)
 _HEAP_EVERY_MS = const(2000)  # the live heap is sampled this often
-_CHUNK = const(128)  # control-channel bytes read per poll
+_CHUNK = const(64)  # control-channel bytes read per poll
 
 
 class SimPin:
@@ -81,6 +82,7 @@ class SimBoard:
         self._free_at = now  # released keys rest until then before the next press
         self._sampled = now
         self._lines = []
+        self._queued = 0  # bytes in _lines
         self._writer = None
         self.presses_dropped = 0
         self.lines_dropped = 0
@@ -134,10 +136,13 @@ class SimBoard:
         """Queue one event line for the simulator (bounded; oldest dropped and counted)."""
         if self.ctl_port <= 0:
             return
-        if len(self._lines) >= _LINE_SLOTS:
-            self._lines.pop(0)
+        line = json.dumps(obj)
+        lines = self._lines
+        while lines and (len(lines) >= _LINE_SLOTS or self._queued + len(line) > _LINE_BYTES):
+            self._queued -= len(lines.pop(0))
             self.lines_dropped += 1
-        self._lines.append(json.dumps(obj))
+        lines.append(line)
+        self._queued += len(line)
 
     # ---- the control channel ------------------------------------------------------------
     def sample_heap(self):
@@ -199,6 +204,11 @@ class SimBoard:
             return {"e": "display", "fail": self.fail_display}
         return {"e": "error", "c": c, "why": "c"}  # not a command we know
 
+    def _next_line(self):
+        line = self._lines.pop(0)
+        self._queued -= len(line)
+        return line.encode() + b"\n"
+
     async def _framebuffer(self, link, rid):
         # {"e": "fb", "w", "h", "id", "b": base64 of the framebuffer} written a few dozen
         # bytes at a time: the 2 KB framebuffer as one base64 string, in a JSON line, then
@@ -206,7 +216,7 @@ class SimBoard:
         from binascii import b2a_base64
 
         while self._lines:  # what the device said before this answer goes first
-            link.write(self._lines.pop(0).encode() + b"\n")
+            link.write(self._next_line())
         d = self.display
         link.write(('{"e": "fb", "w": %d, "h": %d, "id": %s, "b": "'
                     % (d.width, d.height, json.dumps(rid))).encode())
@@ -229,13 +239,15 @@ class SimBoard:
             except OSError:
                 await asyncio.sleep_ms(500)
                 continue
-            self._lines.insert(0, json.dumps({"e": "hello", "d": self.device_id,
-                                              "rst": self._rst, "board": self.name}))
+            hello = json.dumps({"e": "hello", "d": self.device_id, "rst": self._rst,
+                                "board": self.name})
+            self._lines.insert(0, hello)
+            self._queued += len(hello)
             end = 0
             try:
                 while True:
                     while self._lines:
-                        link.write(self._lines.pop(0).encode() + b"\n")
+                        link.write(self._next_line())
                     await link.drain()
                     if end == len(got):
                         end = 0  # a line longer than any command: dropped
