@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,7 @@ import threading
 import time
 
 import paho.mqtt.client as paho
+import pytest
 
 from firmware.evaluator import codec
 from firmware.evaluator.journal import Journal
@@ -488,9 +490,10 @@ def test_the_app_stays_within_its_64k_heap_through_downlinks_and_votes(mosquitto
     run(mosquitto, scenario)
 
 
-def test_a_key_scan_allocates_nothing(micropython, tmp_path):
-    """The app scans the keys every 20 ms for ever: no garbage there, so the collector
-    stays idle and the 64 KB heap does not fragment (tests/mp_device/scan_alloc.py)."""
+@pytest.fixture
+def app_alone(micropython, tmp_path):
+    """tests/mp_device/scan_alloc.py's observations: the app built on the simulated board
+    (no network), its key scans measured, its interned names counted."""
     from simulator import build as fwbuild
 
     build = fwbuild.build()
@@ -500,10 +503,32 @@ def test_a_key_scan_allocates_nothing(micropython, tmp_path):
                           env=dict(os.environ, MICROPYPATH=".frozen"), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    pools = [line for line in lines if line.startswith("qstr pool:")][-1]
+    out["qstr"] = {k: int(v) for k, v in re.findall(r"(n_pool|n_qstr)=(\d+)", pools)}
+    return out
+
+
+def test_a_key_scan_allocates_nothing(app_alone):
+    """The app scans the keys every 20 ms for ever: no garbage there, so the collector
+    stays idle and the 64 KB heap does not fragment."""
+    out = app_alone
     assert (out["idle_state"], out["prompt_state"]) == ("IDLE", "PROMPT")
     assert out["idle"] == 0  # 600 scans: keys, timeouts, journal room, screen unchanged
     assert out["prompt"] == 0  # between the countdown's frames
+
+
+# The port interns every name the loaded modules use in pools it allocates on the heap,
+# each twice the size of the one before; the fifth holds names up to about 615. One name
+# more takes a sixth pool of 7 KB at once (docs/firmware.md, "Memory"), so the app keeps
+# well under it: the running device adds a few names (its boot script) to this count.
+MAX_INTERNED = 580
+
+
+def test_the_app_interns_few_enough_names_to_stay_in_five_pools(app_alone):
+    qstr = app_alone["qstr"]
+    assert qstr["n_pool"] <= 5 and qstr["n_qstr"] <= MAX_INTERNED, qstr
 
 
 # The real-board entry point: firmware/main.py on the ESP32-S3 board layer, with the fake

@@ -1,10 +1,12 @@
 # The device app's key scan allocates nothing (MicroPython unix port): the app runs it every
 # 20 ms for ever, so any garbage there would keep the collector busy and fragment the 64 KB
 # heap. Builds the simulated board and the app (no network), brings the rating to IDLE and
-# to PROMPT, and measures what scans allocate with the collector off. Prints one JSON line.
+# to PROMPT, and measures what scans allocate with the collector off. Then prints the
+# port's table of interned names (micropython.qstr_info()) and one JSON line.
 # Usage: micropython scan_alloc.py BUILD_DIR WORK_DIR   (BUILD_DIR: simulator/build.py's)
 import gc
 import json
+import micropython
 import sys
 import time
 
@@ -48,4 +50,7 @@ rating.offer({"pid": "P1", "case": "C1", "kind": "ji", "n": 1, "item": None, "tt
 out["prompt_state"] = rating.state
 # In PROMPT the countdown redraws four times a second; between frames a scan is as quiet.
 out["prompt"] = scans(700, 5)
+import catalogue  # noqa: E402,F401 -- loaded once a catalogue arrives
+import screens  # noqa: E402,F401
+micropython.qstr_info()
 print(json.dumps(out))
