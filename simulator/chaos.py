@@ -152,6 +152,7 @@ class Chaos:
         self._paused = 0
         self._started = time.monotonic()
         self.errors: list[str] = []
+        self.while_voting: dict[str, int] = {}  # counts when the citizens were done
 
     # ---- bookkeeping ------------------------------------------------------------------
     @property
@@ -352,6 +353,7 @@ class Chaos:
     # ---- the end ------------------------------------------------------------------------------
     async def finish(self, runner: asyncio.Task) -> None:
         """Stop drawing, fire every kind that never fired, then heal everything."""
+        self.while_voting = dict(self.counts)
         runner.cancel()
         try:
             await runner
@@ -395,6 +397,7 @@ class Chaos:
     def summary(self) -> dict:
         return {
             "faults": dict(self.counts),
+            "faults_while_voting": dict(self.while_voting),
             "fault_modes": dict(sorted(self.modes.items())),
             "faults_skipped": self.skipped,
             "faults_missing": [k for k in self.plan.kinds if not self.counts[k]],

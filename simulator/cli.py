@@ -57,6 +57,9 @@ def hall_options(f):
         click.option("--misuse", "misuse_share", default=0.1, show_default=True,
                      type=click.FloatRange(0, 1),
                      help="Share of visits with stray key presses first."),
+        click.option("--device-nice", default=0, show_default=True, type=click.IntRange(0, 19),
+                     help="Niceness of the device processes: with hundreds of devices, "
+                          "keeps the hub and broker from being starved of CPU."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the summary as one JSON object on the last line."),
     ]
@@ -75,7 +78,7 @@ def _options(params, default_deadline):
                    seed=params["seed"], deadline_s=params["deadline"] or default_deadline,
                    hub_config=params["hub_config"], province_url=params["province_url"],
                    workdir=params["workdir"], keep=params["keep"],
-                   forged=not params["no_forgeries"],
+                   forged=not params["no_forgeries"], device_nice=params["device_nice"],
                    mix=Mix(bad=params["bad_share"], walk_away=params["walk_share"],
                            misuse=params["misuse_share"]))
 

@@ -64,6 +64,7 @@ class Options:
     # [province] settings for the hub this run starts (e.g. shorter timeouts and retry
     # cap, so a run's province outages drain in seconds rather than a minute).
     hub_province: dict = field(default_factory=dict)
+    device_nice: int = 0  # niceness of the device processes (see Fleet)
 
 
 def free_port() -> int:
@@ -319,28 +320,46 @@ def _port_taken(port: int) -> bool:
 class ProvinceView:
     """Everything the receiver holds, fetched page by page as it arrives."""
 
+    # Each poll reads again the last second it has seen: a record committed in the same
+    # millisecond as the last one of a page, just after that page was read, is not missed.
+    OVERLAP_MS = 1000
+
     def __init__(self, session: aiohttp.ClientSession, base_url: str):
         self.session = session
         self.base = base_url.rstrip("/")
         self.records: dict[str, dict] = {}
         self.after_ms = 0
-        self.repeats = 0  # a voteId listed twice (the receiver's primary key forbids it)
+        self.repeats = 0  # a voteId listed again in another batch (its key forbids that)
+        self.poll_errors = 0
 
-    async def poll(self) -> None:
+    async def poll(self, must: bool = False) -> None:
+        """Fetch what arrived since the last poll. A failed poll is counted and retried at
+        the next one (the receiver is busy or the machine loaded), unless `must`."""
+        try:
+            await self._poll()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+            self.poll_errors += 1
+            if must:
+                raise SimError("province records: %s" % (exc.__class__.__name__,)) from None
+
+    async def _poll(self) -> None:
+        after = max(0, self.after_ms - self.OVERLAP_MS)
         while True:
-            url = "%s/api/v1/records?after_ms=%d&limit=2000" % (self.base, self.after_ms)
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+            url = "%s/api/v1/records?after_ms=%d&limit=2000" % (self.base, after)
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 if resp.status != 200:
                     raise SimError("province records: HTTP %d" % resp.status)
                 page = await resp.json()
             for record in page["records"]:
                 vote_id = record["voteId"]
-                if vote_id in self.records:
+                known = self.records.get(vote_id)
+                if known is not None and known.get("batch_id") != record.get("batch_id"):
                     self.repeats += 1
                 self.records[vote_id] = record
-            self.after_ms = page.get("last_ms", self.after_ms)
+            after = max(after, page.get("last_ms") or after)
             if not page.get("more"):
-                return
+                break
+        self.after_ms = max(self.after_ms, after)
 
     async def stats(self) -> dict:
         async with self.session.get(self.base + "/api/v1/stats",
@@ -442,7 +461,7 @@ class Session:
         self.started = time.monotonic()
         self.hall = Hall(opts, workdir, say)
         self.fleet = Fleet(os.path.join(workdir, "devices"), build_dir=os.path.join(
-            fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap)
+            fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap, nice=opts.device_nice)
         self.proxy: NetworkProxy | None = None
         self.http: aiohttp.ClientSession | None = None
         self.hub_api: HubAPI | None = None
@@ -459,7 +478,10 @@ class Session:
         if before_start is not None:
             await loop.run_in_executor(None, before_start, self.hall)
         self.hall.start_services()
-        self.http = aiohttp.ClientSession()
+        # Every window's citizen may have a request open at once (a prompt waits for the
+        # device's answer): the pool must not make the run's own polls queue behind them.
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=max(100, 2 * opts.devices + 20)))
         await self.hall.wait_ready(self.http)
         self.hub_api = HubAPI(self.http, self.hall.http_url, self.token)
         self.province = ProvinceView(self.http, self.hall.province_url)
@@ -524,11 +546,17 @@ class Session:
         while time.monotonic() < deadline:
             await self.province.poll()
             show("draining")
-            if _missing(self.fleet, self.province) == 0:
+            # At rest too: a prompt still on a screen (its citizen's request timed out, or
+            # it arrived late) ends in an unrated record once its ttl passes.
+            if _missing(self.fleet, self.province) == 0 and self._at_rest():
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(1.5)
-        await self.province.poll()
+        await self.province.poll(must=True)
+
+    def _at_rest(self) -> bool:
+        return all(d.state in ("IDLE", "OFF", "FULL") or not d.alive
+                   for d in self.fleet.devices.values())
 
     async def gather_counters(self) -> tuple[dict, dict]:
         """Every device's counters, the province's stats and the hub's status."""
