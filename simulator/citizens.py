@@ -60,6 +60,10 @@ class Mix:
     think_s: tuple[float, float] = (0.3, 1.5)
     walk_away_ttl_s: int = 3  # the prompt ttl asked for walk-away visits
     prompt_ttl_s: int | None = None  # the ttl asked for other prompts (None: the hub's)
+    # How long the hub is asked to wait for the device's answer before it answers the
+    # prompt request (None: the hub's default, 5 s). The citizens watch the device
+    # themselves, so 0 costs them nothing and spares the hub a waiting request per window.
+    prompt_wait_s: float | None = None
     # How long a prompt may stay on screen if the hub does not honour the ttl asked for
     # (docs/protocol.md: the hub sets `ttl`; 60 s is its default).
     hub_ttl_s: int = 60
@@ -138,11 +142,13 @@ class HubAPI:
                                 {"staff_no": staff_no, "name": name})
 
     async def prompt(self, window: str, case_no: str, task: tuple[str, str, str], kind: str = "ji",
-                     n: int = 1, ttl: int | None = None) -> str:
+                     n: int = 1, ttl: int | None = None, wait_s: float | None = None) -> str:
         body = {"window": window, "case_no": case_no, "dept_code": task[0], "task_code": task[1],
                 "task_name": task[2], "kind": kind, "n": n}
         if ttl:
             body["ttl"] = ttl
+        if wait_s is not None:
+            body["wait_s"] = wait_s
         # 409/422 with a pid: the device refused the prompt (busy, full, bad); the pid's
         # outcome arrives at the device's side too, so the caller treats it like any offer.
         answer = await self._call("POST", "/api/v1/prompts", body, accept=(409, 422))
@@ -190,6 +196,7 @@ class Citizens:
         self.on_decide: Callable[[str], None] | None = None
         self._seed = rng.getrandbits(64)
         self._rngs: dict[str, random.Random] = {}
+        self._served: dict[str, int] = {}
 
     def rng_for(self, device_id: str) -> random.Random:
         rng = self._rngs.get(device_id)
@@ -246,12 +253,14 @@ class Citizens:
     async def _prompt(self, visit: Visit, rng: random.Random, ttl: int | None) -> str:
         task = rng.choice(TASKS)
         if not self.resilient:
-            return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl)
+            return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl,
+                                         wait_s=self.mix.prompt_wait_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.fault_wait_s
         while True:
             try:
-                return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl)
+                return await self.hub.prompt(visit.window, visit.case_no, task, ttl=ttl,
+                                             wait_s=self.mix.prompt_wait_s)
             except CitizenError as exc:
                 if exc.status == "open":
                     # An earlier prompt for this case was lost (the device lost power while
@@ -277,7 +286,9 @@ class Citizens:
         self.cases += 1
         rng = self.rng_for(device_id)
         plan, stars = self.plan(rng)
-        visit = Visit(device_id, window, "SIM-%s-%05d" % (window, self.cases), plan, stars,
+        # Numbered per window: the same seed gives the same case numbers.
+        n = self._served[device_id] = self._served.get(device_id, 0) + 1
+        visit = Visit(device_id, window, "SIM-%s-%05d" % (window, n), plan, stars,
                       started_ms=_wall_ms())
         self.outcome.visits.append(visit)
         misuse = rng.random() < self.mix.misuse

@@ -57,6 +57,9 @@ def hall_options(f):
         click.option("--misuse", "misuse_share", default=0.1, show_default=True,
                      type=click.FloatRange(0, 1),
                      help="Share of visits with stray key presses first."),
+        click.option("--prompt-wait", default=None, type=click.FloatRange(0, 30),
+                     help="Seconds the hub waits for the device's answer before it answers "
+                          "a prompt request [default: the hub's, 5]; 0 spares a busy hub."),
         click.option("--device-nice", default=0, show_default=True, type=click.IntRange(0, 19),
                      help="Niceness of the device processes: with hundreds of devices, "
                           "keeps the hub and broker from being starved of CPU."),
@@ -80,7 +83,8 @@ def _options(params, default_deadline):
                    workdir=params["workdir"], keep=params["keep"],
                    forged=not params["no_forgeries"], device_nice=params["device_nice"],
                    mix=Mix(bad=params["bad_share"], walk_away=params["walk_share"],
-                           misuse=params["misuse_share"]))
+                           misuse=params["misuse_share"],
+                           prompt_wait_s=params["prompt_wait"]))
 
 
 def _report(summary, as_json):
