@@ -96,8 +96,9 @@ out["other"] = {"changed": changed, "cv": store["cv"], "first": cat2["rs"][0]["c
 # Not a catalogue: refused, pending files dropped, the one in use untouched.
 refused = []
 for bad in (b"[1, 2]", b'{"cv": "x", "rs": {}}', b'{"cv": "x"}', b'{"cv": "x", "rs": ["a"]}',
-            b'{"cv": "x", "rs": []} trailing', b'{"cv": "x", "rs": [{"c": "A"', b'{"cv": "x", "rs": '
-            b'[{"c": "A", "bm": {"w": 8, "h": 1, "b": "!!!!"}}]}', b'{"cv": "x", "rs": [{}]}x'):
+            b'{"cv": "x", "rs": []} trailing', b'{"cv": "x", "rs": [{"c": "A"',
+            b'{"cv": "x", "rs": [{"c": "A", "bm": {"w": 8, "h": 1, "b": "!!!!"}}]}',
+            b'{"cv": "x", "rs": [{}]}x'):
     sp = store.spool()
     sp.write(bad)
     changed = sp.close()
