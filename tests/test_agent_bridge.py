@@ -623,8 +623,13 @@ def test_votes_cross_the_serial_bridge_exactly_once_through_cuts_unplugs_and_a_k
         hall.prompt("W07", "C5", "营业执照变更")
         wait_for(lambda: device.state() == "PROMPT", what="prompt C5")
         cable.unplug()
+        # Each key once the screen it is meant for is up, and slower than the rapid-press
+        # filter (300 ms), as a person presses; a loaded machine can bunch the keys up.
         device.press(2)  # 不满意: reasons screen
+        wait_for(lambda: device.state() == "REASONS", what="the reasons screen")
+        time.sleep(0.4)
         device.press(3)  # 选择
+        time.sleep(0.4)
         device.press(1)  # 提交
         wait_for(lambda: not hall.online(DEVICE), what="offline after the unplug")
         time.sleep(1.5)

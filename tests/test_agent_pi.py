@@ -267,6 +267,8 @@ def test_a_vote_made_while_the_hub_is_away_survives_an_agent_restart(hall, tmp_p
     pi = PiEvaluator(hall.config("PI0001"), journal_dir, str(tmp_path / "f1"), MockFactory())
     try:
         wait_for(lambda: pi.state() == "IDLE", what="idle")
+        # The retained ctx can reach the Pi before its birth reaches the hub's store.
+        wait_for(lambda: hall.online("PI0001"), what="the Pi online at the hub")
         hall.prompt("W05", "C-1", "社保卡补办")
         wait_for(lambda: pi.state() == "PROMPT", what="the prompt")
         hall.stop_hub()  # the hub and its broker go away with the prompt on screen
@@ -313,7 +315,8 @@ def test_a_pi_evaluator_reaches_a_tls_broker_with_the_hall_ca_and_its_client_cer
         hall.prompt("W06", "T-1", "出入境证件")
         wait_for(lambda: pi.state() == "PROMPT", what="the prompt over TLS")
         pi.press(5)
-        wait_for(lambda: hall.province_ids() == ["PI0002:1"], what="the vote over TLS")
+        wait_for(lambda: hall.province_ids() == ["PI0002:1"], timeout=90,
+                 what="the vote over TLS")
     finally:
         if pi is not None:
             pi.close()

@@ -272,10 +272,14 @@ def test_callbacks_are_signed_and_retried_with_backoff_until_delivered(hall, tmp
 def test_a_per_item_visit_waits_for_a_busy_device_then_gives_up(hall):
     sink = CallbackSink()
     try:
-        status, body = hall.http("POST", "/api/v1/prompts", {
+        request = {
             "device_id": "D0003", "mode": "per_item", "callback_url": sink.url,
             "cases": [{"case_no": "Q-1", "task_name": "甲"}, {"case_no": "Q-2", "task_name": "乙"},
-                      {"case_no": "Q-3", "task_name": "丙"}]})
+                      {"case_no": "Q-3", "task_name": "丙"}]}
+        # Earlier tests jumped the hub's clock past the device's last heartbeat: it reads
+        # "silent" (503) until the next beat lands, as a business system would see and retry.
+        status, body = wait_for(lambda: (lambda r: r if r[0] != 503 else None)(
+            hall.http("POST", "/api/v1/prompts", request)), 15, "D0003 heard from again")
         assert status == 201 and [c["status"] for c in body["cases"]] == \
             ["shown", "queued", "queued"]
         hall.d3.answer = "busy"   # a citizen drums on it: every next prompt is refused busy
