@@ -40,7 +40,9 @@ CONSUMER_CURSORS = ("business_vote_rowid", "dashboard_vote_rowid")
 
 
 def _province_service(workdir: str, name: str, port: int, trust_pem: str) -> Service:
-    code = ("import sys; from simulator.province_cli import serve as c; "
+    # As simulator/run.py starts its services: SIGTERM when the bench dies.
+    code = ("import signal, sys; from simulator.fleet import die_with_parent; "
+            "die_with_parent(signal.SIGTERM); from simulator.province_cli import serve as c; "
             "c.main(sys.argv[1:], prog_name='pingjia')")
     argv = [sys.executable, "-c", code, "--host", "127.0.0.1", "--port", str(port),
             "--db", os.path.join(workdir, name + ".db"), "--trust", trust_pem, "--faults"]

@@ -26,8 +26,8 @@ from simulator.bench_kit import (BenchError, CpuMeter, TwinBroker, Workers, devi
 from simulator.run import Hall, Options, free_port
 
 
-async def _flood(endpoint: tuple[str, int], specs: list[dict], plan: Any, mode: str,
-                 subscriber: dict | None, cpu_pids: dict[str, list[int]]) -> dict:
+async def _flood(specs: list[dict], plan: Any, mode: str, subscriber: dict | None,
+                 cpu_pids: dict[str, list[int]]) -> dict:
     workers = Workers()
     try:
         jobs = [{"role": "devices", "mode": mode, "devices": part,
@@ -101,14 +101,13 @@ async def measure(plan: Any, workdir: str, say: Callable[[str], None]) -> dict:
             subscriber = {"client_id": "bench-subscriber", "user": hall.settings.broker.hub_user,
                           "password": hall.settings.broker.hub_password, "host": twin.host,
                           "port": twin.port}
-            baselines.append(await _flood((twin.host, twin.port), specs, plan, "broker_flood",
-                                          subscriber, {"broker": [twin.pid or 0]}))
+            baselines.append(await _flood(specs, plan, "broker_flood", subscriber,
+                                          {"broker": [twin.pid or 0]}))
             say("ingest: run %d/%d, hub" % (r + 1, plan.repeat))
             broker = hall.settings.broker
             specs = [device_spec(p, "127.0.0.1", broker.port, next_seq[d])
                      for d, p in hall.provisioned.items()]
-            result = await _flood(("127.0.0.1", broker.port), specs, plan, "flood", None,
-                                  hub_pids)
+            result = await _flood(specs, plan, "flood", None, hub_pids)
             for d in next_seq:
                 next_seq[d] += plan.votes_per_device
             runs.append(result)

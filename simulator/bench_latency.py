@@ -327,6 +327,8 @@ async def emulated_devices(n: int, plan: Any, workdir: str, say: Callable[[str],
     out = samples.summary(start_ms, stretch_s, repeat, probe_ms)
     stats = {k: sum(d["stats"].get(k, 0) for d in done) for k in
              ("prompt_errors", "disconnects", "resends", "refused", "journal_refused")}
+    stats["prompt_error_examples"] = sorted({e for d in done for e in
+                                             d["stats"].get("prompt_error_examples", [])})[:5]
     ours = {v[0] for v in votes} | set(hall.provisioned)
     strangers = [k for k in province.records if k.rsplit(":", 1)[0] in ours and
                  k not in stored]
@@ -371,8 +373,8 @@ async def scale(plan: Any, workdir: str, say: Callable[[str], None],
                 known: dict[str, dict] | None = None) -> dict:
     """Figure 5: the largest emulated hall that keeps every guarantee (stepped search)."""
     steps: list[dict] = []
-    for name, result in sorted((known or {}).items()):
-        if name.startswith("emulated_"):
+    for name, result in sorted((known or {}).items(), key=lambda kv: kv[1].get("devices", 0)):
+        if name.startswith("emulated_") and "guarantees_kept" in result:
             steps.append(_step(result))
     held = [s["devices"] for s in steps if s["guarantees_kept"]]
     for n in plan.scale_steps:
@@ -416,6 +418,7 @@ def _step(result: dict) -> dict:
             "votes": result["votes"], "votes_per_s": result["votes_per_s"],
             "lost": result["lost"], "duplicates_at_province": result["duplicates_at_province"],
             "prompt_errors": result["prompt_errors"], "disconnects": result["disconnects"],
+            "prompt_error_examples": result["prompt_error_examples"],
             "connect_s": result["connect_s"], "cpu_cores": result["cpu_cores"]}
 
 

@@ -356,6 +356,12 @@ class Emulated:
             waiter.set_result(seq)
         self.pump()
 
+    def _prompt_failed(self, why: str) -> None:
+        self.stats["prompt_errors"] += 1
+        examples = self.stats.setdefault("prompt_error_examples", [])
+        if len(examples) < 5 and why not in examples:
+            examples.append(why)
+
     async def serve(self, http, base_url: str, pace: tuple[float, float],
                     running: Callable[[], bool]) -> None:
         """One window's citizens, one after the other, `pace` seconds apart."""
@@ -370,9 +376,9 @@ class Emulated:
                 async with http.post(base_url + "/api/v1/prompts", json=body) as resp:
                     answer = await resp.json(content_type=None)
                     if resp.status != 201:
-                        self.stats["prompt_errors"] += 1
-                        self.stats["prompt_error_example"] = "HTTP %d %s" % (
-                            resp.status, str(answer)[:160])
+                        self._prompt_failed("HTTP %d %s" % (
+                            resp.status, str(answer.get("error") if isinstance(answer, dict)
+                                             else answer)[:160]))
                         await asyncio.sleep(self.rng.uniform(*pace))
                         continue
                 pid = answer["pid"]
@@ -381,8 +387,7 @@ class Emulated:
                 if not any(v[3] == pid for v in self.votes.values()):
                     await asyncio.wait_for(fut, 30)
             except (OSError, ValueError, KeyError, asyncio.TimeoutError) as exc:
-                self.stats["prompt_errors"] += 1
-                self.stats["prompt_error_example"] = exc.__class__.__name__
+                self._prompt_failed(exc.__class__.__name__)
             await asyncio.sleep(self.rng.uniform(*pace))
 
 

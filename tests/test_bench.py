@@ -17,12 +17,19 @@ def _number(value):
 def test_quick_bench_prints_every_figure_with_its_baseline_and_ratio(tmp_path):
     cmd = [sys.executable, "-c", "from hub.cli import main; main()", "bench", "--quick",
            "--json", "--workdir", str(tmp_path / "bench")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
-    lines = proc.stdout.strip().splitlines()
-    assert lines, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=280)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the bench then stops its hubs, brokers and workers.
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError("bench --quick did not finish: " + stderr[-2000:])
+    lines = stdout.strip().splitlines()
+    assert lines, stderr[-3000:]
     report = json.loads(lines[-1])
-    context = json.dumps(report.get("figures", {}), ensure_ascii=False)[:4000] + \
-        proc.stderr[-2000:]
+    context = json.dumps(report.get("figures", {}), ensure_ascii=False)[:4000] + stderr[-2000:]
     assert proc.returncode == 0 and report["ok"] is True, context
 
     machine = report["machine"]
