@@ -252,6 +252,10 @@ def summary(figures: dict) -> list[dict]:
     for name, size in (f.get("sizes") or {}).items():
         label = "%s devices, %s" % (size["devices"], "real" if name.startswith("real") else
                                     "emulated")
+        if not size.get("valid", True):
+            label += " (NOT VALID: %s)" % (
+                "%d of %d visits failed" % (size["visit_errors"], size["visits"])
+                if size.get("visit_errors") else "guarantees broken")
         base = size["baseline"]
         rows.append(_row("latency", "press-to-province p50, " + label, size["p50_ms"], "ms",
                          base["p50_ms"], size["ratio_p50"]))

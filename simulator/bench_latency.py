@@ -215,14 +215,19 @@ async def real_devices(n: int, plan: Any, workdir: str, say: Callable[[str], Non
         span = (max(v.ended_ms for v in citizens.outcome.visits) - start_ms) / 1000.0 \
             if citizens.outcome.visits else total_s
         out = samples.summary(start_ms, max(span, 1.0) / plan.repeat, plan.repeat, probe_ms)
+        examples = sorted({v.error[:160] for v in citizens.outcome.visits if v.error})[:5]
         out.update({
             "devices": n, "kind": "real firmware (MicroPython unix port, -X heapsize=%s)"
-            % opts.heap, "visit_errors": errors, "boot_s": round(boot_s, 1),
+            % opts.heap, "visits": len(citizens.outcome.visits), "visit_errors": errors,
+            "visit_error_examples": examples, "boot_s": round(boot_s, 1),
             "votes_per_s": round(len(samples.rows) / max(span, 1.0), 2),
             "heap_peak_bytes": max((d.heap_live_max for d in fleet.devices.values()), default=0),
             "heap_bytes": max((d.heap_size for d in fleet.devices.values()), default=0),
             "device_crashes": len(fleet.crashed()), "cpu_cores": shares,
             "load_avg": machine_busy()})
+        # A run where citizens could not vote measured too little to judge the target.
+        out["valid"] = errors == 0 and not out["device_crashes"]
+        out["met"] = out["met"] and out["valid"]
         return out
     finally:
         await session.close()
@@ -342,10 +347,11 @@ async def emulated_devices(n: int, plan: Any, workdir: str, say: Callable[[str],
         "lost": lost, "unacked": unacked, "duplicates_at_province": duplicates,
         "unknown_at_province": len(strangers), "cpu_cores": shares, "load_avg": machine_busy(),
         **stats})
-    out["guarantees_kept"] = bool(
+    out["valid"] = out["guarantees_kept"] = bool(
         votes and lost == 0 and unacked == 0 and duplicates == 0 and not strangers
         and stats["disconnects"] == 0 and stats["prompt_errors"] == 0
         and stats["journal_refused"] == 0)
+    out["met"] = out["met"] and out["valid"]
     return out
 
 
