@@ -514,7 +514,9 @@ class MQTTClient:
         self._reader, self._writer = await self._within(link)
         self._link_ok = True
         self._last_rx = self._last_tx = self._last_ping = ticks_ms()
-        await self._send(self._connect_pkt, None, gen)
+        # Under the timeout too: a non-blocking connect to a host that never answers (or a
+        # TLS handshake that stalls) shows only as writes that never go through.
+        await self._within(self._send(self._connect_pkt, None, gen))
         body = self._mv[:2]
         if await self._within(self._read_fixed_header()) != (_CONNACK, 2):
             raise MalformedPacket()  # not a CONNACK

@@ -17,6 +17,7 @@ class FakeLink:
         self.from_client = b""
         self.eof = False      # the broker hung up
         self.closed = False   # the client closed its end
+        self.stalled = False  # writes never go through (a host that never answers)
         self._readable = asyncio.Event()
         self._written = asyncio.Event()
 
@@ -38,7 +39,8 @@ class FakeLink:
         self._written.set()
 
     async def drain(self):
-        pass
+        while self.stalled and not self.closed:  # a peer that never takes the bytes
+            await asyncio.sleep(0.01)
 
     def close(self):
         self.closed = True
@@ -75,8 +77,9 @@ class FakeLink:
 class FakeNet:
     """Hands the client a new FakeLink per connection; refuses the first `refuse` tries."""
 
-    def __init__(self, refuse=0):
+    def __init__(self, refuse=0, stall=0):
         self.refuse = refuse
+        self.stall = stall  # this many links whose writes never go through
         self.links = []
         self.addresses = []
         self._opened = asyncio.Event()
@@ -87,6 +90,9 @@ class FakeNet:
             self.refuse -= 1
             raise OSError(111, "connection refused")
         link = FakeLink()
+        if self.stall:
+            self.stall -= 1
+            link.stalled = True
         self.links.append(link)
         self._opened.set()
         return link, link
@@ -364,6 +370,19 @@ def test_refused_connections_are_retried_with_backoff_and_counted():
         assert client.reconnects == 0
         assert net.links[0].closed
         assert len(net.addresses) == 4
+        await _stop(client, task)
+
+    _run(scenario)
+
+
+def test_a_connect_that_never_goes_through_times_out_and_is_retried():
+    async def scenario():
+        net = FakeNet(stall=1)
+        client = _client(net)  # ack_timeout_ms=200
+        task = asyncio.create_task(client.run())
+        await _accept(net, 1)
+        await client.connected()
+        assert client.connect_failures == 1 and net.links[0].closed
         await _stop(client, task)
 
     _run(scenario)
