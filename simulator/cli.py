@@ -60,9 +60,6 @@ def hall_options(f):
         click.option("--prompt-wait", default=None, type=click.FloatRange(0, 30),
                      help="Seconds the hub waits for the device's answer before it answers "
                           "a prompt request [default: the hub's, 5]; 0 spares a busy hub."),
-        click.option("--device-nice", default=0, show_default=True, type=click.IntRange(0, 19),
-                     help="Niceness of the device processes: with hundreds of devices, "
-                          "keeps the hub and broker from being starved of CPU."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the summary as one JSON object on the last line."),
     ]
@@ -81,7 +78,7 @@ def _options(params, default_deadline):
                    seed=params["seed"], deadline_s=params["deadline"] or default_deadline,
                    hub_config=params["hub_config"], province_url=params["province_url"],
                    workdir=params["workdir"], keep=params["keep"],
-                   forged=not params["no_forgeries"], device_nice=params["device_nice"],
+                   forged=not params["no_forgeries"],
                    mix=Mix(bad=params["bad_share"], walk_away=params["walk_share"],
                            misuse=params["misuse_share"],
                            prompt_wait_s=params["prompt_wait"]))

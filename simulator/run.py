@@ -64,7 +64,6 @@ class Options:
     # [province] settings for the hub this run starts (e.g. shorter timeouts and retry
     # cap, so a run's province outages drain in seconds rather than a minute).
     hub_province: dict = field(default_factory=dict)
-    device_nice: int = 0  # niceness of the device processes (see Fleet)
 
 
 def free_port() -> int:
@@ -461,7 +460,7 @@ class Session:
         self.started = time.monotonic()
         self.hall = Hall(opts, workdir, say)
         self.fleet = Fleet(os.path.join(workdir, "devices"), build_dir=os.path.join(
-            fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap, nice=opts.device_nice)
+            fwbuild.ROOT, "build", "sim-mpy"), heap=opts.heap)
         self.proxy: NetworkProxy | None = None
         self.http: aiohttp.ClientSession | None = None
         self.hub_api: HubAPI | None = None
