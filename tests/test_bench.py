@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,13 +16,15 @@ def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# About 30 s on an idle 2-core machine; the limits are for one crowded by other test runs.
+@pytest.mark.timeout(480)
 def test_quick_bench_prints_every_figure_with_its_baseline_and_ratio(tmp_path):
     cmd = [sys.executable, "-c", "from hub.cli import main; main()", "bench", "--quick",
            "--json", "--workdir", str(tmp_path / "bench")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        stdout, stderr = proc.communicate(timeout=280)
+        stdout, stderr = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:
         # SIGTERM, not SIGKILL: the bench then stops its hubs, brokers and workers.
         proc.terminate()
