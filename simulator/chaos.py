@@ -141,7 +141,6 @@ class Chaos:
         self.counts = {k: 0 for k in plan.kinds}
         self.modes: dict[str, int] = {}
         self.skipped = 0
-        self.unreported_found = 0
         self.hub_restarts = 0
         self.broker_restarts = 0
         self._busy: set[str] = set()  # "power:D001", "network:D002", "hub", "broker", ...
@@ -208,9 +207,6 @@ class Chaos:
             self._log("skipped", fault)
             return False
         self._busy.add(key)
-        self.counts[fault.kind] += 1
-        name = "%s.%s" % (fault.kind, fault.mode)
-        self.modes[name] = self.modes.get(name, 0) + 1
         task = asyncio.ensure_future(self._inject(fault, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -229,6 +225,12 @@ class Chaos:
                     else None
             return None if "network:hall" in self._busy else "network:" + fault.target
         return fault.kind
+
+    def _fired(self, fault: Fault, mode: str | None = None) -> None:
+        """Count a fault once it took effect (a drawn one may find nothing to break)."""
+        self.counts[fault.kind] += 1
+        name = "%s.%s" % (fault.kind, mode or fault.mode)
+        self.modes[name] = self.modes.get(name, 0) + 1
 
     async def _inject(self, fault: Fault, key: str) -> None:
         try:
@@ -270,7 +272,7 @@ class Chaos:
         fleet = self.session.fleet
         state = fleet.devices[device_id].state
         found = await fleet.power_cut(device_id)
-        self.unreported_found += len(found)
+        self._fired(fault, mode)
         self._log("power_cut", fault, device=device_id, state=state, cut_as=mode,
                   durable_unreported=[s.seq for s in found])
         await self._wait(fault.duration_s)
@@ -284,6 +286,7 @@ class Chaos:
             proxy.stall(target)
         else:
             proxy.drop(target)
+        self._fired(fault)
         self._log("network_" + fault.mode, fault)
         await self._wait(fault.duration_s)
         proxy.heal(target)
@@ -299,6 +302,7 @@ class Chaos:
             os.kill(pid, signal.SIGKILL if fault.mode == "kill" else signal.SIGTERM)
         except ProcessLookupError:
             return
+        self._fired(fault)
         self._log("broker_" + fault.mode, fault, pid=pid)
         # The hub's supervisor brings it back; wait for that so the next broker fault
         # hits the new one (if the hub is down too, its restart starts a broker).
@@ -316,6 +320,7 @@ class Chaos:
     async def _hub(self, fault: Fault) -> None:
         hub = self.session.hall.service("hub")
         await asyncio.get_running_loop().run_in_executor(None, hub.kill)
+        self._fired(fault)
         self._log("hub_killed", fault)
         await self._wait(fault.duration_s)
         await self._restart_hub()
@@ -338,6 +343,7 @@ class Chaos:
         elif fault.mode == "slow":
             spec["delay_ms"] = int(500 + 2000 * (fault.duration_s - 2.0) / 8.0)
         await self._set_province(spec)
+        self._fired(fault)
         self._log("province_" + fault.mode, fault, spec=spec)
         await self._wait(fault.duration_s)
         await self._set_province({"mode": "ok"})
