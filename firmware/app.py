@@ -45,6 +45,7 @@ _CLOCK_SLACK_S = const(2)  # hub time within this of ours is not worth a correct
 # (catalogue.py) as it arrives.
 MAX_DOWNLINK = const(5120)
 _RX_BYTES = const(2048)
+_ITEM_BYTES = const(1027)  # 256 x 32 px of a prompt's item, and the bitmap's 3-byte tail
 _ANIM_MS = const(250)
 
 
@@ -99,11 +100,15 @@ class App:
             on_connect=self._on_connect, spool=self._spool, borrow=True)
         self.keys = keys or Keys(board.keys_pins, active=_attr(board, "key_active", 0))
         self._bitmap = None
+        self._item = None
         if board.display is not None:
             # Imported late: a board without a panel never loads them. Hub bitmaps are
             # decoded into the screens' form once, as their downlink arrives.
             from display import bitmap
             self._bitmap = bitmap
+            # The prompt's item bitmap lives here (display.lift), allocated once at boot:
+            # the hub renders an item at most 256 px wide on two 16-px lines.
+            self._item = bytearray(_ITEM_BYTES)
             if draw is None:
                 from screens import draw
         self._draw = draw
@@ -221,7 +226,7 @@ class App:
                 if changed or store.cv is None:
                     cat, fresh = store.index(changed)
                     ok = rating.set_catalogue(cat)
-                    store.commit(ok, changed, fresh, cat["cv"])
+                    store.commit(ok, changed, fresh, cat)
                     if ok:
                         rating.cat = store
                 return
@@ -230,9 +235,13 @@ class App:
             # json never builds that text; the bitmaps go to the rating in the screens'
             # form, and the rating checks the message either way.
             lifted = None
+            # A prompt on screen keeps its item in the buffer for items; a prompt arriving
+            # meanwhile is answered busy, so its item is not decoded at all.
+            busy = kind == "prompt" and (rating.state == "PROMPT" or rating.state == "REASONS"
+                                         or rating.state == "SAVING")
             if self._bitmap is not None and (kind == "ctx" or kind == "prompt"):
                 from display import lift
-                lifted = lift(payload)
+                lifted = lift(payload, self._item if kind == "prompt" else None, busy)
             msg = json.loads(payload)
             if not isinstance(msg, dict):
                 raise ValueError(kind)  # not an object
@@ -242,7 +251,7 @@ class App:
                 msg["win"] = decode(msg.get("win"), lifted)
                 rating.set_context(msg)
             elif kind == "prompt":
-                msg["item"] = decode(msg.get("item"), lifted)
+                msg["item"] = None if busy else decode(msg.get("item"), lifted)
                 outcome = rating.offer(msg, self.clock.ticks_ms())
                 pid = msg.get("pid")
                 self._queue_evt(pid if isinstance(pid, str) else "", outcome)

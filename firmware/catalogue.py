@@ -164,9 +164,16 @@ def _scan(f):
     return cv, spans
 
 
+def _reason(c, a, f):
+    # A reason as the rating and the screen use it: a small dict, its area the interned
+    # word rather than a string of its own.
+    a = "item" if a == "item" else ("staff" if a == "staff" else a)
+    return {"c": c, "a": a, "bm": None, "f": f}
+
+
 class Catalogue:
-    """The catalogue files in folder `path`: cat.json (as received) and cat.bin (its
-    bitmaps, decoded). Once the rating took a catalogue, the app hands the rating this
+    """The catalogue files in folder `path`: cat.json (as received), cat.bin (its bitmaps,
+    decoded) and cat.idx (its reasons without bitmaps). Once the rating took a catalogue, the app hands the rating this
     object as the catalogue itself: catalogue["rs"] reads the reasons from flash when a
     bad rating needs them, so between bad ratings none of it is in RAM."""
 
@@ -174,6 +181,7 @@ class Catalogue:
         # path: the folder the files go in
         self._json = path + "/cat.json"
         self._bin = path + "/cat.bin"
+        self._idx = path + "/cat.idx"
         self.cv = None  # version of the catalogue in use; None: none taken since boot
         self.gen = 0  # bumps with every catalogue taken: older bitmaps no longer load
 
@@ -184,11 +192,31 @@ class Catalogue:
     def index(self, changed):
         """The catalogue just spooled (changed) or the one on flash, for the rating to
         check, and whether its bitmaps differ from those on flash: (catalogue, fresh).
-        Settle with commit(). Raises ValueError, pending files dropped, for a bad one."""
+        Settle with commit(). Raises ValueError, pending files dropped, for a bad one.
+
+        One reason at a time: a structural scan of the file finds each reason's bytes and
+        json parses that reason alone, so at most one reason's text is on the heap. Each
+        bitmap is checked, decoded into cat.bin, and its place there goes into the
+        reason's "f" ref."""
         bins = Spool(self._bin)
+        gen = self.gen + 1
         try:
-            cv, entries = self._read(self._json + ".new" if changed else self._json,
-                                     self.gen + 1, bins)
+            with open(self._json + ".new" if changed else self._json, "rb") as f:
+                cv, spans = _scan(f)
+                entries = []
+                at = 0
+                for start, end in spans:
+                    f.seek(start)
+                    entry = json.loads(f.read(end - start))
+                    raw = bitmap(entry.get("bm"))  # ValueError if malformed
+                    entry = _reason(entry.get("c"), entry.get("a"), None)
+                    if raw is not None:
+                        bins.write(raw)
+                        # Offset and length as one small int (no object): offsets fit
+                        # in 16 bits (16 reasons of at most 2051 bytes), lengths in 12.
+                        entry["f"] = (gen << 28) | (at << 12) | len(raw)
+                        at += len(raw)
+                    entries.append(entry)
         except (OSError, ValueError, TypeError, AttributeError, KeyError):
             if bins.close():
                 settle(self._bin, False)
@@ -197,58 +225,42 @@ class Catalogue:
             raise ValueError("cat")
         return {"cv": cv, "rs": entries}, bins.close()
 
-    def commit(self, ok, changed, fresh, cv):
-        """The rating took the catalogue index() read (ok) or refused it."""
+    def commit(self, ok, changed, fresh, cat):
+        """The rating took the catalogue index() read (ok) or refused it. Taken, its
+        reasons without their bitmaps also go to cat.idx: what a bad rating reads."""
         if changed:
             settle(self._json, ok)
         if fresh:
             settle(self._bin, ok)
         if ok:
-            self.cv = cv
+            rows = []
+            for e in cat["rs"]:
+                f = e["f"]
+                rows.append([e["c"], e["a"], None if f is None else f & 0xFFFFFFF])
+            sp = Spool(self._idx)
+            sp.write(json.dumps([cat["cv"], rows]).encode())
+            if sp.close():
+                settle(self._idx, True)
+            self.cv = cat["cv"]
             self.gen += 1
 
     def __getitem__(self, key):
         # What the rating reads of its catalogue: "cv", and "rs" when a bad rating opens
-        # the reasons (each {"c", "a", "bm": None, "f": ref or None}). A flash that fails
-        # here leaves the citizen the built-in reasons rather than no vote.
+        # the reasons (each {"c", "a", "bm": None, "f": ref or None}), from cat.idx: a few
+        # hundred bytes, no bitmaps. A flash that fails here leaves the citizen the
+        # built-in reasons rather than no vote.
         if key == "cv":
             return self.cv
         try:
-            return self._read(self._json, self.gen, None)[1]
-        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            with open(self._idx) as f:
+                rows = json.load(f)[1]
+        except (OSError, ValueError, IndexError):
             return []
-
-    def _read(self, path, gen, bins):
-        # The reasons of the catalogue in `path`, one at a time: json parses each reason's
-        # span on its own, so at most one reason's text is on the heap. Each bitmap's place
-        # in cat.bin goes into its "f" ref; with `bins`, each is checked, decoded and
-        # written there too.
-        with open(path, "rb") as f:
-            cv, spans = _scan(f)
-            entries = []
-            at = 0
-            for start, end in spans:
-                f.seek(start)
-                entry = json.loads(f.read(end - start))
-                bm = entry.get("bm")
-                # What the rating and the screen use, nothing else: a small dict, its area
-                # the interned word rather than a string of its own.
-                a = entry.get("a")
-                a = "item" if a == "item" else ("staff" if a == "staff" else a)
-                entry = {"c": entry.get("c"), "a": a, "bm": None, "f": None}
-                if bm is not None:
-                    if bins is not None:
-                        raw = bitmap(bm)  # ValueError if malformed
-                        bins.write(raw)
-                        n = len(raw)
-                    else:
-                        n = ((bm["w"] + 7) >> 3) * bm["h"] + 3
-                    # Offset and length as one small int (no object): offsets fit in 16
-                    # bits (16 reasons of at most 2051 bytes), lengths in 12.
-                    entry["f"] = (gen << 28) | (at << 12) | n
-                    at += n
-                entries.append(entry)
-        return cv, entries
+        gen = self.gen << 28
+        out = []
+        for c, a, f in rows:
+            out.append(_reason(c, a, None if f is None else gen | f))
+        return out
 
     def load(self, f):
         """The device bitmap a reason's "f" ref locates, or None (an older catalogue's)."""

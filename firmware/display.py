@@ -68,7 +68,7 @@ class Display(framebuf.FrameBuffer):
             self.sink(self.buffer)
 
 
-def lift(mv):
+def lift(mv, into=None, skip=False):
     """Take the base64 out of a JSON downlink before json.loads sees it.
 
     mv is the payload, writable (the MQTT client's receive buffer). Every string value
@@ -76,7 +76,12 @@ def lift(mv):
     for a device bitmap's three trailing bytes, and replaced in mv by "#<index>" and spaces;
     bitmap(wire, lifted) then finishes it. json.loads never builds the base64 text, the
     largest object a prompt would otherwise need (2.7 KB for the biggest item bitmap).
-    Returns the list of decoded bytearrays; an entry is None where a string was no base64.
+    Returns the list of decoded bytes; an entry is None where a string was no base64.
+
+    `into`, a bytearray, takes the first such string if it fits (as a memoryview of it):
+    the app decodes a prompt's item into one buffer allocated at boot, so a kilobyte never
+    has to be found free at once in a heap that has been in use for days. With `skip` the
+    strings are only taken out, not decoded (a prompt that cannot be shown now).
     """
     lifted = []
     n = len(mv)
@@ -92,7 +97,8 @@ def lift(mv):
         while k < n and mv[k] in b" \t\r\n":
             k += 1
         if j - i - 1 > 64 and j < n and (k >= n or mv[k] != _COLON):  # a long value
-            lifted.append(_unbase64(mv[i + 1:j]))
+            lifted.append(None if skip else _unbase64(mv[i + 1:j], into))
+            into = None
             tag = ('#%d"' % (len(lifted) - 1)).encode()
             mv[i + 1:i + 1 + len(tag)] = tag
             for m in range(i + 1 + len(tag), j + 1):
@@ -101,16 +107,20 @@ def lift(mv):
     return lifted
 
 
-def _unbase64(text):
-    # base64 text (a str, or a memoryview of bytes) -> bytearray(its bytes + 3), decoded 64
-    # characters at a time; None if not base64.
+def _unbase64(text, into=None):
+    # base64 text (a str, or a memoryview of bytes) -> its bytes + 3 spare, decoded 64
+    # characters at a time into a new bytearray, or into the start of `into` (a view of
+    # it) if they fit; None if not base64.
     if len(text) % 4 or len(text) < 4:
         return None
     size = len(text) // 4 * 3
     for c in (text[-1], text[-2]):
         if c == 61 or c == "=":  # padding
             size -= 1
-    out = bytearray(size + 3)
+    if into is not None and size + 3 <= len(into):
+        out = memoryview(into)[:size + 3]
+    else:
+        out = bytearray(size + 3)  # type: ignore[assignment]
     at = 0
     for i in range(0, len(text), 64):
         try:

@@ -58,6 +58,9 @@ _RETAIN = const(0x01)
 _BACKOFF_FIRST_MS = const(500)
 _MIN_PACKET = const(64)
 _POLL_MS = const(20)  # how often a waiting task looks at the flags it waits for
+_POLL_MIN_MS = const(5)  # a link's pauses between polls of its socket: 5 ms ...
+_POLL_MAX_MS = const(100)  # ... growing to 100 ms while it is quiet (Link)
+_IDLE_MS = const(100)  # run() looks at a live link this often (keepalive, faults)
 # SUBACK's return code for a refused subscription: what subscribe() then returns.
 SUB_REFUSED = const(0x80)
 
@@ -214,28 +217,36 @@ def _why(exc):
 # too. (CPython, where the tests also run the client, uses asyncio.open_connection.)
 
 class Link:
-    """A non-blocking socket: readinto() waits for data by polling it every few ms."""
+    """A non-blocking socket: readinto() waits for data by polling it.
+
+    The pause between polls grows from 5 ms to 100 ms while nothing arrives and is short
+    again once something does or something is written (an answer is then due soon): quick
+    when talking, and an idle device wakes ten times a second, not two hundred."""
 
     def __init__(self, sock):
         self.s = sock
         self._out = []  # what write() queued for drain()
+        self.pause = _POLL_MIN_MS  # the next pause between polls
 
     async def readinto(self, mv):
         while True:
             n = self.s.readinto(mv)  # None: nothing yet; 0: closed by the peer
             if n is not None:
+                self.pause = _POLL_MIN_MS
                 return n
-            await _sleep_ms(_POLL_MS // 2)
+            await _sleep_ms(self.pause)
+            self.pause = min(self.pause * 2, _POLL_MAX_MS)
 
     def write(self, data):
         self._out.append(data)
+        self.pause = _POLL_MIN_MS
 
     async def drain(self):
         out = self._out
         while out:
             n = self.s.write(out[0])  # None: the socket is full (or still connecting)
             if n is None:
-                await _sleep_ms(_POLL_MS // 4)
+                await _sleep_ms(_POLL_MIN_MS)
             elif n < len(out[0]):
                 out[0] = memoryview(out[0])[n:]
             else:
@@ -340,7 +351,7 @@ class MQTTClient:
 
     async def connected(self):
         while not self._connected:
-            await _sleep_ms(_POLL_MS)
+            await _sleep_ms(_IDLE_MS)
 
     async def run(self):
         """Connect, and after any link fault reconnect, until disconnect() is called."""
@@ -376,7 +387,7 @@ class MQTTClient:
                         tick = min(max(ka // 8, 50), 1000)
                         last = ticks_ms()
                         while self._link_ok and gen == self._gen:
-                            await _sleep_ms(_POLL_MS)
+                            await _sleep_ms(min(tick, _IDLE_MS))
                             now = ticks_ms()
                             if not ka or ticks_diff(now, last) < tick:
                                 continue
@@ -412,7 +423,7 @@ class MQTTClient:
                 delay = half + ((delay - half) * getrandbits(8) >> 8)
                 start = ticks_ms()
                 while not self._stop and ticks_diff(ticks_ms(), start) < delay:
-                    await _sleep_ms(_POLL_MS)
+                    await _sleep_ms(_IDLE_MS)
                 attempt += 1
         finally:  # also when the caller cancels run(): never leave a socket behind
             self._end_link()

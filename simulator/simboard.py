@@ -229,8 +229,9 @@ class SimBoard:
 
     async def _control(self):
         # Keeps a connection to the simulator; the device runs on without one. One task
-        # polls the socket both ways every 10 ms (firmware/mqtt.py's Link, as the MQTT
-        # client uses: no asyncio streams on the device's heap).
+        # polls the socket both ways (firmware/mqtt.py's Link, as the MQTT client uses: no
+        # asyncio streams on the device's heap): every 10 ms while there is traffic, the
+        # pause doubling to 40 ms while there is none.
         got = bytearray(_MAX_LINE)  # received, up to a whole line
         scratch = bytearray(_CHUNK)  # what one poll reads: nothing allocated while idle
         while True:
@@ -244,8 +245,11 @@ class SimBoard:
             self._lines.insert(0, hello)
             self._queued += len(hello)
             end = 0
+            pause = 10
             try:
                 while True:
+                    if self._lines:
+                        pause = 10
                     while self._lines:
                         link.write(self._next_line())
                     await link.drain()
@@ -255,8 +259,10 @@ class SimBoard:
                     if n == 0:
                         break  # the simulator closed the channel
                     if not n:
-                        await asyncio.sleep_ms(10)
+                        await asyncio.sleep_ms(pause)
+                        pause = min(pause * 2, 40)
                         continue
+                    pause = 10
                     got[end:end + n] = memoryview(scratch)[:n]
                     end += n
                     # Each whole line is a command, answered through event(); a partial

@@ -89,11 +89,12 @@ def _int(value):
 
 
 def _bitmap(bm, name):
-    # A wire bitmap {"w","h","b"}, or None -- or the device's decoded form (its rows, then
-    # width low, width high, height: firmware/display.py), which the device's app gives.
+    # A wire bitmap {"w","h","b"}, or None -- or the device's decoded form (bytes-like: its
+    # rows, then width low, width high, height: firmware/display.py), which the device's
+    # app gives.
     if bm is None:
         return
-    if isinstance(bm, (bytes, bytearray)):
+    if isinstance(bm, (bytes, bytearray, memoryview)):
         bw = bm[-3] | bm[-2] << 8 if len(bm) > 3 else 0
         bh = bm[-1] if len(bm) > 3 else 0
         if (not 0 < bw <= _MAX_BITMAP_W or not 0 < bh <= _MAX_BITMAP_H

@@ -66,7 +66,7 @@ for i in range(0, len(payload), 700):
     sp.write(memoryview(payload)[i:i + 700])
 changed = sp.close()
 cat, fresh = store.index(changed)
-store.commit(True, changed, fresh, cat["cv"])
+store.commit(True, changed, fresh, cat)
 wire = json.loads(payload)
 out["index"] = {"changed": changed, "fresh": fresh, "cv": cat["cv"], "cv_store": store["cv"],
                 "codes": [e["c"] for e in cat["rs"]], "areas": [e["a"] for e in cat["rs"]],
@@ -89,7 +89,7 @@ sp = store.spool()
 sp.write(json.dumps(other).encode())
 changed = sp.close()
 cat2, fresh = store.index(changed)
-store.commit(True, changed, fresh, cat2["cv"])
+store.commit(True, changed, fresh, cat2)
 out["other"] = {"changed": changed, "cv": store["cv"], "first": cat2["rs"][0]["c"],
                 "old_ref": store.load(reasons[0]["f"]) is None,
                 "new_ref": store.load(store["rs"][0]["f"]) == bitmap(wire["rs"][1]["bm"])}
