@@ -4,7 +4,8 @@
 #
 # with the compiled firmware (.mpy, the bytecode a board runs) on MICROPYPATH. Prints one
 # JSON line. Times are microseconds from time.ticks_us(); each figure is the median (and
-# p99) over many operations, next to its baseline measured in the same VM:
+# p99) over many operations, next to its baseline measured in the same VM, the two
+# alternating operation by operation:
 #
 # - sign: codec.make_vote + encode_vote of a typical vote (HMAC-SHA256 over the canonical
 #   form, then the JSON payload);
@@ -64,34 +65,32 @@ def main(workdir, appends, segments, seg_bytes):
     out["sign"] = stats(times)
     out["payload_bytes"] = len(payload)
 
-    # Append + sync, acked as we go (steady state: segments rotate and get deleted).
+    # Append + sync, acked as we go (steady state: segments rotate and get deleted), each
+    # append followed by its baseline, the same bytes appended to a plain file: both see the
+    # same moment of a shared machine.
     jdir = workdir + "/steady"
     rmtree(jdir)
     journal = Journal(jdir, segments, seg_bytes, sync=flush)
-    times = []
-    for seq in range(1, appends + 1):
-        payload = vote(seq)
-        t0 = time.ticks_us()
-        journal.append(seq, 1763712000 + seq, payload)
-        times.append(time.ticks_diff(time.ticks_us(), t0))
-        journal.ack(seq)
-    out["append"] = stats(times)
-
-    # Baseline: the same payloads appended to a plain file.
     path = workdir + "/plain.log"
     try:
         os.remove(path)
     except OSError:
         pass
     times = []
+    plain = []
     for seq in range(1, appends + 1):
         payload = vote(seq)
+        t0 = time.ticks_us()
+        journal.append(seq, 1763712000 + seq, payload)
+        times.append(time.ticks_diff(time.ticks_us(), t0))
+        journal.ack(seq)
         t0 = time.ticks_us()
         with open(path, "ab") as f:
             f.write(payload)
             f.flush()
-        times.append(time.ticks_diff(time.ticks_us(), t0))
-    out["plain_append"] = stats(times)
+        plain.append(time.ticks_diff(time.ticks_us(), t0))
+    out["append"] = stats(times)
+    out["plain_append"] = stats(plain)
 
     # A full journal: append without acks until it refuses.
     jdir = workdir + "/full"
@@ -107,28 +106,27 @@ def main(workdir, appends, segments, seg_bytes):
     out["full_records"] = seq - 1
     out["full_bytes"] = sum(os.stat(jdir + "/" + name)[6] for name in os.listdir(jdir))
     journal = None
-    gc.collect()
+    buf = bytearray(64)
     times = []
+    plain = []
     for _ in range(9):
+        # Recovery, then its baseline: every byte of the same files in 64-byte reads.
         gc.collect()
         t0 = time.ticks_us()
         journal = Journal(jdir, segments, seg_bytes, sync=flush)
         times.append(time.ticks_diff(time.ticks_us(), t0))
         if journal.depth != out["full_records"]:
             raise SystemExit("recovered %d of %d records" % (journal.depth, out["full_records"]))
-    out["recover"] = stats(times)
-
-    # Baseline: read the same files, 64 bytes at a time.
-    buf = bytearray(64)
-    times = []
-    for _ in range(9):
+        journal = None
+        gc.collect()
         t0 = time.ticks_us()
         for name in sorted(os.listdir(jdir)):
             with open(jdir + "/" + name, "rb") as f:
                 while f.readinto(buf):
                     pass
-        times.append(time.ticks_diff(time.ticks_us(), t0))
-    out["plain_read"] = stats(times)
+        plain.append(time.ticks_diff(time.ticks_us(), t0))
+    out["recover"] = stats(times)
+    out["plain_read"] = stats(plain)
     print(json.dumps(out))
 
 
