@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: test demo bench sysdeps venv clean
 
 test: venv sysdeps
-	$(VENV)/bin/pytest -n 2 --dist loadgroup -q --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist loadgroup -q --durations=15 --reruns 1 $(PYTEST_ARGS)
 
 demo: venv sysdeps
 	$(VENV)/bin/pingjia sim demo --duration $(DURATION)
