@@ -89,6 +89,9 @@ class Visit:
     # The deciding press was made, then the power went before the device said thanks.
     cut_after_press: bool = False
     renumbered: int = 0  # follow-up case numbers issued after lost prompts
+    # A resilient citizen left after `attempts` prompts all met a fault: a visit the faults
+    # prevented, not a fault of the hall (error says what happened).
+    gave_up: bool = False
     started_ms: int = 0  # host wall clock when the citizen stepped up, and left
     ended_ms: int = 0
 
@@ -311,6 +314,7 @@ class Citizens:
                         return visit  # the press is gone; a new one would be a new vote
                     if visit.attempts >= self.attempts:
                         visit.error = "gave up after %d attempts: %s" % (visit.attempts, exc)
+                        visit.gave_up = self.resilient
                         return visit
                 except FleetError as exc:
                     if not self.resilient:
@@ -318,7 +322,8 @@ class Citizens:
                     # Typically the control channel of a device that just lost power.
                     visit.disruptions.append(str(exc)[:120])
                     if visit.attempts >= self.attempts:
-                        visit.error = str(exc)
+                        visit.error = "gave up after %d attempts: %s" % (visit.attempts, exc)
+                        visit.gave_up = True
                         return visit
                     await asyncio.sleep(0.5)
         except (FleetError, CitizenError) as exc:

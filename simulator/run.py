@@ -667,6 +667,8 @@ async def _hub_status(session: aiohttp.ClientSession, url: str) -> dict:
 def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: ProvinceView,
              pstats: dict, hub_status: dict, forgeries: Forgeries, elapsed: float,
              in_time: bool, hall: Hall) -> dict:
+    """The run's verdict. Visits a resilient citizen gave up on (faults met every attempt)
+    are counted in `visits_given_up`, not as errors: they are no vote, not a lost one."""
     from hub.batch import load_profile
 
     satisfaction = load_profile(hall.settings.province.profile)["satisfaction"]
@@ -702,7 +704,7 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
         if record is not None and at:
             latencies.append(int(record["received_at_ms"]) - at)
     misuse = sum(int(d.stats.get("misuse", 0)) for d in fleet.devices.values())
-    errors = [v for v in visits if v.error]
+    errors = [v for v in visits if v.error and not v.gave_up]
     conflicts = sum(len(d.seq_conflicts) for d in fleet.devices.values())
     summary = {
         "devices": len(fleet.devices),
@@ -731,6 +733,7 @@ def _summary(opts: Options, fleet: Fleet, visits: list[Visit], province: Provinc
         "device_backlog": sum(int(d.stats.get("jd", 0) or 0) for d in fleet.devices.values()),
         "seq_conflicts": conflicts,
         "visit_errors": len(errors),
+        "visits_given_up": sum(1 for v in visits if v.gave_up),
         "visit_error_examples": [v.error for v in errors[:3]],
         "hub_rejections": hub_status.get("rejections", {}),
         "forgery_errors": forgeries.errors,
