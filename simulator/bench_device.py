@@ -2,8 +2,8 @@
 
 - Heap peak of the whole device app: the highest live heap (bytes in use right after a
   collection) any real simulated device reported during the latency runs (figure 2), in
-  its `-X heapsize=64wK` heap (64 K words: 128 KB on this 64-bit host, the same number of
-  GC blocks as 64 KB on the 32-bit board; docs/simulator.md, "Memory"). Baseline: the live
+  its `-X heapsize=64K` heap (the board's 64 KB taken literally; on this 64-bit host an
+  object takes about twice its room on the 32-bit board; docs/simulator.md, "Memory"). Baseline: the live
   heap of a bare VM of the same size with asyncio imported, the floor any app starts from.
 - Bytecode: the .mpy files mpy-cross makes of firmware/ (what a board holds), and the
   ROMFS image the simulator maps; baseline: the Python source of the same modules.
