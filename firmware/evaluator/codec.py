@@ -20,7 +20,17 @@ class CodecError(ValueError):
     """A message that does not follow docs/protocol.md."""
 
 
+try:
+    # CPython (the hub, the simulator's emulated devices): the C implementation; the
+    # per-byte loop below was a seventh of the hub's ingest time.
+    from hmac import digest as _c_hmac
+except ImportError:
+    _c_hmac = None
+
+
 def hmac_sha256(key, msg):
+    if _c_hmac is not None:
+        return _c_hmac(key, msg, "sha256")
     # MicroPython ships no hmac module; RFC 2104 over hashlib.sha256 is a few lines. The
     # pads are filled in place: no generator and no per-byte objects on the device's heap.
     if len(key) > _BLOCK:
