@@ -535,7 +535,8 @@ def test_the_app_interns_few_enough_names_to_stay_in_five_pools(app_alone):
     assert qstr["n_pool"] <= 5 and qstr["n_qstr"] <= MAX_INTERNED, qstr
 
 
-# The real-board entry point: firmware/main.py on the ESP32-S3 board layer, with the fake
+# The real-board entry point: firmware/start.py (what the boot selector imports from the
+# app slot) on the ESP32-S3 board layer, with the fake
 # machine/network modules of tests/fake_esp32 and the device's files at "/" (a folder
 # remounted as the root, as a board's flash is).
 _ESP_BOOT = """
@@ -544,11 +545,11 @@ vfs.umount("/")
 vfs.mount(vfs.VfsPosix(sys.argv[1]), "/")
 vfs.mount(vfs.VfsPosix(sys.argv[2]), "/fw")
 sys.path[:] = ["/fw", ".frozen", "/"]
-import main
+import start
 """
 
 
-def test_main_py_boots_the_esp32s3_board_and_runs_the_app(mosquitto, micropython, tmp_path):
+def test_start_boots_the_esp32s3_board_and_runs_the_app(mosquitto, micropython, tmp_path):
     from simulator import build as fwbuild
 
     build = fwbuild.build()

@@ -1,7 +1,8 @@
-# Entry point on a real counter evaluator (ESP32-S3). MicroPython runs main.py as source,
-# compiling it on the device heap at every boot, so it stays small: it builds the board
-# from /board.json, loads /config.json, opens the journal on flash, joins the hall Wi-Fi
-# and hands everything to the App (app.py), which runs forever.
+# The app's entry on a real counter evaluator (ESP32-S3): the module the boot selector
+# (/main.py, firmware/bootsel.py) imports from the app slot it mounted at /rom. It is part of
+# the firmware image, so an update over the air replaces it with the rest. It builds the
+# board from /board.json, loads /config.json, opens the journal on flash, joins the hall
+# Wi-Fi and hands everything to the App (app.py), which runs forever.
 import asyncio
 import gc
 
