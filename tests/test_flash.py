@@ -4,7 +4,11 @@
 # how it was called. Covers: a full flash from a provisioning file and from the hub's
 # registry (with the first birth watched), reflash and --replace, tampering caught by
 # verification, no / several / busy ports, wrong board, the base image step, and the
-# journal of another identity.
+# journal of another identity. The two-slot layout for updates over the air: the firmware
+# image in app slot 0 (slot0.img on the simulated board, for real; ROMFS segment 0 with a
+# stand-in mpremote that records its arguments), the boot selector as main.py, the flashed
+# folder booting under the simulator's launcher, a unit flashed before slots cleaned up,
+# a reflash clearing ota.json and slot 1.
 import hashlib
 import json
 import os
@@ -23,13 +27,15 @@ from firmware.evaluator import config as device_config
 from hub.flashing import (EXIT_CODES, BaseImageFailed, DeviceBusy, FlashError, FlashRequest,
                           NoDevice, NoHeartbeat, OtherIdentity, SeveralDevices, Tools,
                           VerifyMismatch, WrongBoard, build_firmware, check_image,
-                          check_port_free, choose_port, flash, wait_first_birth)
+                          check_port_free, choose_port, flash, load_board, wait_first_birth)
+from hub.images import build_image, image_modules
 from hub.provision import add_device, export_provisioning, list_devices
 from hub.settings import write_default
 from hub.store import Store
 
 FLASH_SH = os.path.join(ROOT, "flash.sh")
 SIM_BOARD = os.path.join(ROOT, "hardware", "boards", "sim.json")
+BOOTSEL = os.path.join(ROOT, "firmware", "bootsel.py")
 
 
 def _socat():
@@ -61,7 +67,7 @@ class FakeBoard:
     def seed(self, build_dir):
         """Put this build's firmware on the flash already (a spare unit flashed earlier),
         so mpremote finds those files up to date and a test copies only what differs."""
-        for f in build_firmware(build_dir)[0]:
+        for f in build_firmware("sim", build_dir).files:
             target = os.path.join(self.flash, f.path)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(f.local, target)
@@ -104,7 +110,7 @@ def boards(tmp_path, micropython):
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("device-mpy"))
-    build_firmware(path)  # once per module: every flash below finds it up to date
+    build_firmware("sim", path)  # once per module: every flash below finds it up to date
     return path
 
 
@@ -146,15 +152,23 @@ def in_process(request_kwargs, build_dir, echo=None, **kwargs):
 
 
 def assert_firmware_installed(board, build_dir):
-    """The unit holds every file of its manifest with the manifest's sha256, and the
-    manifest names this build's modules (never the simulator's) and the board file."""
+    """The unit is in the two-slot layout: this build's image in slot0.img, the boot
+    selector as main.py, no update state, no loose modules; every file of its manifest is
+    there with the manifest's sha256."""
     manifest = json.loads(board.read("firmware.json"))
     for path, digest in manifest["files"].items():
         assert hashlib.sha256(board.read(path)).hexdigest() == digest, path
-    files, _ = build_firmware(build_dir)
-    assert set(manifest["files"]) == {f.path for f in files} | {"board.json"}
-    assert {"app.mpy", "evaluator/codec.mpy", "evaluator/journal.mpy"} <= set(manifest["files"])
-    assert "simboard.mpy" not in board.listing() and "simdevice.mpy" not in board.listing()
+    assert set(manifest["files"]) == {"main.py", "slot0.img", "board.json"}
+    image = build_image("sim", build_dir)
+    assert board.read("slot0.img") == open(image.path, "rb").read()
+    assert manifest["slot0"] == {"version": image.version, "sha256": image.sha256,
+                                 "size": image.size}
+    assert manifest["fw"] == image.version and manifest["slots"] == "files"
+    with open(BOOTSEL, "rb") as f:
+        assert board.read("main.py") == f.read()
+    listing = board.listing()
+    assert not {"ota.json", "slot1.img", "dl.json"} & listing
+    assert not [p for p in listing if p.endswith(".mpy")], listing
 
 
 # -- full flashes ---------------------------------------------------------------------------
@@ -276,15 +290,19 @@ def test_a_file_changed_between_copy_and_verify_is_a_mismatch(tmp_path, boards, 
     _, path = exported(hub, tmp_path, "D0010")
 
     def tamper(link):
-        with open(os.path.join(board.flash, "evaluator", "codec.mpy"), "ab") as f:
-            f.write(b"\x00")
+        # One bit of the slot image flipped (a flash error), board.json gone.
+        with open(os.path.join(board.flash, "slot0.img"), "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 1]))
         os.remove(os.path.join(board.flash, "board.json"))
 
     with pytest.raises(VerifyMismatch) as caught:
         in_process(dict(device_id="D0010", board="sim", port=board.port, provisioning=path),
                    build_dir, after_copy=tamper)
     assert caught.value.exit_code == 7
-    assert caught.value.files == ["board.json (missing)", "evaluator/codec.mpy"]
+    assert caught.value.files == ["board.json (missing)", "slot0.img"]
     assert "verification mismatch: 2 of" in str(caught.value)
 
 
