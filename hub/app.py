@@ -1,5 +1,5 @@
-"""The running hub: supervised broker, ingest, forwarder and HTTP API, started and stopped
-in the right order.
+"""The running hub: supervised broker, ingest, forwarder, the update rollout engine and the
+HTTP API, started and stopped in the right order.
 
 Nothing here holds state that matters: every vote, ack mark, batch and prompt is in the
 SQLite store, so the process may be killed at any moment (SIGKILL included) and the next
@@ -20,6 +20,7 @@ from .forward import Forwarder
 from .http_api import Downlink, open_api
 from .ingest import IngestService
 from .store import Store
+from .updates import RolloutEngine
 
 log = logging.getLogger("pingjia.hub")
 
@@ -36,6 +37,7 @@ class Hub:
         self.ingest = None
         self.forwarder = None
         self.downlink = None
+        self.updates = None
         self._loop = None
         self._http_thread = None
         self._http_ready = threading.Event()
@@ -57,6 +59,11 @@ class Hub:
             self.ingest = IngestService(settings, on_group=self._on_group, clock=self.clock)
             self.downlink = Downlink(self.ingest.publish, clock=self.clock)
             self.ingest.start()
+            self.updates = RolloutEngine(settings.db_path, self.ingest.publish,
+                                         wait_connected=self.ingest.wait_connected,
+                                         clock=self.clock,
+                                         offline_after_s=settings.dashboard.offline_after_s)
+            self.updates.start()
             self._start_http()
         except BaseException:
             self.stop()
@@ -72,6 +79,8 @@ class Hub:
         if self._loop is not None and self._http_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._http_thread.join(10)
+        if self.updates is not None:
+            self.updates.stop()
         if self.ingest is not None:
             self.ingest.stop()
         if self.forwarder is not None:

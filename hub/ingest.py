@@ -21,12 +21,13 @@ import time
 
 from firmware.evaluator import codec
 
+from . import updates
 from .store import Store
 
 log = logging.getLogger("pingjia.hub.ingest")
 
 UPLINK_FILTER = "pj/+/up/#"
-KINDS = ("vote", "birth", "hb", "evt", "will")
+KINDS = ("vote", "birth", "hb", "evt", "will", "ota")
 EVT_STATES = ("shown", "busy", "full", "bad")
 QUEUE_MAX = 10000  # uplinks waiting for the ingest thread; a full queue holds paho back
 # mosquitto sends a client at most this many unacknowledged QoS 1 messages (its
@@ -61,10 +62,13 @@ class GroupResult:
         self.stored = 0
         self.rejected = 0
         self.duplicates = 0
+        # Other downlinks to publish after the commit: (topic, payload, qos, retain).
+        self.downlinks = []
 
     def merge(self, other):
         self.acks.update(other.acks)
         self.births.extend(other.births)
+        self.downlinks.extend(other.downlinks)
         self.stored += other.stored
         self.rejected += other.rejected
         self.duplicates += other.duplicates
@@ -135,6 +139,7 @@ class Ingestor:
 
     def __init__(self, store):
         self.store = store
+        self.updates = updates.Reports(store)
         self.store_failures = 0   # uplinks whose transaction failed (device resends them)
         self.internal_errors = 0
 
@@ -209,6 +214,8 @@ class Ingestor:
                 self._hb(device_id, up.payload)
             elif kind == "evt":
                 self._evt(device_id, up.payload)
+            elif kind == "ota":
+                self._ota(device_id, up.payload, result)
             else:
                 self._will(device_id, up.payload)
         except Rejected as rej:
@@ -343,6 +350,15 @@ class Ingestor:
             return
         if not self.store.set_prompt_device_state(pid, device_id, state):
             raise Rejected("unknown_prompt")
+
+    def _ota(self, device_id, payload, result):
+        # Update progress and outcomes (hub/updates.py); a `get` is answered with a chunk.
+        obj = _decode(payload, "ota")
+        self._known_device(device_id)
+        try:
+            result.downlinks.extend(self.updates.handle(device_id, obj))
+        except updates.Refused as exc:
+            raise Rejected(exc.reason)
 
     def _will(self, device_id, payload):
         obj = _decode(payload, "will")
@@ -491,6 +507,8 @@ class IngestService:
         for device_id, seq in result.acks.items():
             self._client.publish("pj/%s/dn/ack" % device_id, codec.encode_ack(seq), qos=1)
             self.acks_sent += 1
+        for topic, payload, qos, retain in result.downlinks:
+            self._client.publish(topic, payload, qos=qos, retain=retain)
         gen = self._gen
         for up in group:
             # A message from an earlier connection is redelivered by the broker on this

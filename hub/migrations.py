@@ -219,6 +219,56 @@ def _m4_business(db):
                (str(last),))
 
 
+def _m5_updates(db):
+    # Firmware releases: the ROMFS image itself is kept here, so a hub restored from its
+    # store can go on serving a rollout. (version, board) names a release.
+    db.execute("""CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        version TEXT NOT NULL,
+        board TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        image BLOB NOT NULL,
+        notes TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        UNIQUE (version, board))""")
+    # A staged rollout of one release to the devices of its board (hub/updates.py).
+    db.execute("""CREATE TABLE rollouts (
+        rid TEXT PRIMARY KEY,
+        n INTEGER NOT NULL UNIQUE,
+        release_id INTEGER NOT NULL REFERENCES releases(id),
+        version TEXT NOT NULL,
+        board TEXT NOT NULL,
+        state TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        canary INTEGER NOT NULL,
+        batch INTEGER NOT NULL,
+        max_failures INTEGER NOT NULL,
+        why TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        finished_at TEXT)""")
+    # One device in one rollout. offer_live: a retained offer for it is (or may be) on the
+    # broker and must be withdrawn once the device is done, failed or withdrawn.
+    db.execute("""CREATE TABLE rollout_devices (
+        rid TEXT NOT NULL REFERENCES rollouts(rid),
+        device_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        canary INTEGER NOT NULL DEFAULT 0,
+        off INTEGER,
+        why TEXT,
+        from_fw TEXT,
+        offer_live INTEGER NOT NULL DEFAULT 0,
+        chunks INTEGER NOT NULL DEFAULT 0,
+        offered_at TEXT,
+        installed_t REAL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (rid, device_id))""")
+    db.execute("CREATE INDEX rollout_devices_device ON rollout_devices(device_id, state)")
+    db.execute("CREATE INDEX rollout_devices_live ON rollout_devices(offer_live) "
+               "WHERE offer_live = 1")
+
+
 MIGRATIONS = (
     (1, "core tables: votes, acks, rejections, batches, prompts, windows, events", _m1_core),
     (2, "dashboard: managers, sessions, alerts, device state, health samples, latency",
@@ -226,6 +276,7 @@ MIGRATIONS = (
     (3, "health samples: origin, stuck keys, display fault", _m3_sample_fields),
     (4, "business systems, visits, cases, callbacks, vote flags, derived records, photos",
      _m4_business),
+    (5, "over-the-air updates: releases, rollouts, per-device update state", _m5_updates),
 )
 
 
