@@ -33,6 +33,7 @@ def _register():
     from hub.cli_keys import register as register_keys
     from hub.cli_devices import register as register_devices
     from hub.cli_systems import register as register_systems
+    from hub.cli_updates import register as register_updates
 
     register_admin(hub, device)
     register_run(hub)
@@ -40,6 +41,7 @@ def _register():
     register_keys(hub)
     register_devices(hub)
     register_systems(hub)
+    register_updates(hub)
 
     cli.add_command(sim)
     cli.add_command(province)
