@@ -39,6 +39,7 @@ from . import PingjiaError
 from . import alerts as alertlib
 from . import health as healthlib
 from . import metrics
+from . import updates as updatelib
 from .store import Store, iso
 
 log = logging.getLogger("pingjia.hub.dashboard")
@@ -243,6 +244,7 @@ REJECTION_LABELS = {
     "conflict": "序号冲突（同号不同内容）", "unknown_prompt": "未知的评价请求",
     "internal_error": "中心内部错误", "province_rejected": "省平台拒收",
     "province_silent": "省平台未答复", "unmappable": "无法转换为省平台格式",
+    "ota_not_offered": "索取未推送给它的固件", "ota_offset": "固件索取位置越界",
 }
 
 VOTE_SQL = ("SELECT v.rowid AS rowid, v.device_id, v.seq, v.t, v.kind, v.pid, v.case_no,"
@@ -879,6 +881,34 @@ class Dashboard:
             "gaps": gaps[:50], "lost_votes": status["counters"].get("gap_seqs", 0),
         })
 
+    def _rollout_view(self, hall, rid):
+        """A rollout with the devices of this hall (counts are the whole hub's, as on the
+        system panel)."""
+        found = updatelib.rollout(self.store, rid, clock=self.clock,
+                                  offline_after_s=self.limits.offline_after_s)
+        found["device_list"] = [d for d in found["device_list"]
+                                if self.halls.sees(hall, d["window"])]
+        return found
+
+    @_handler
+    async def updates(self, request):
+        """Firmware rollouts, newest first, each with its devices' states and progress."""
+        session = self._session(request)
+        limit = _int_param(request, "limit", 10, 1, 50)
+        listing = [self._rollout_view(session["hall"], r["rid"])
+                   for r in updatelib.rollouts(self.store, limit)]
+        return web.json_response({"at": iso(self.clock()), "rollouts": listing,
+                                  "releases": updatelib.releases(self.store)})
+
+    @_handler
+    async def update(self, request):
+        session = self._session(request)
+        try:
+            found = self._rollout_view(session["hall"], request.match_info["rid"])
+        except updatelib.UpdateError:
+            raise DashboardError(404, "no such rollout")
+        return web.json_response(found)
+
     async def stream(self, request):
         try:
             session = self._session(request)
@@ -987,6 +1017,8 @@ def setup_dashboard(app, settings, clock=None, health=None):
     router.add_get("/dashboard/api/devices", dash.devices)
     router.add_get("/dashboard/api/devices/{id}", dash.device)
     router.add_get("/dashboard/api/system", dash.system)
+    router.add_get("/dashboard/api/updates", dash.updates)
+    router.add_get("/dashboard/api/updates/{rid}", dash.update)
     router.add_get("/dashboard/api/stream", dash.stream)
     router.add_get("/metrics", dash.metrics)
     app[DASHBOARD] = dash

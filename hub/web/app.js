@@ -9,7 +9,20 @@
   const STATE_LABELS = { online: "在线", degraded: "异常", offline: "离线", never: "未上线" };
   const EVENT_LABELS = {
     birth: "连接上线", will: "断开（遗嘱消息）", state: "状态变化", boot: "启动",
-    gap: "序号缺口", seq_reset: "序号回退", bad_prompt: "无法解析评价请求",
+    gap: "序号缺口", seq_reset: "序号回退", bad_prompt: "无法解析评价请求", ota: "固件更新",
+  };
+  const ROLLOUT_LABELS = { running: "进行中", paused: "已暂停", halted: "已中止", cancelled: "已取消", done: "已完成" };
+  const STAGE_LABELS = { canary: "试点设备", rest: "其余设备" };
+  const UPDATE_LABELS = {
+    pending: "等待", offered: "已推送", downloading: "下载中", installing: "安装中", done: "已更新",
+    skipped: "已是该版本", failed: "失败", withdrawn: "已撤回",
+  };
+  const UPDATE_ORDER = ["done", "skipped", "failed", "installing", "downloading", "offered", "pending", "withdrawn"];
+  const WHY_LABELS = {
+    hash: "校验值不符", size: "大小不符", image: "镜像无法挂载", flash: "闪存写入失败",
+    "rolled back": "启动失败，已回滚", "no confirmation in 10 min": "10 分钟内未确认",
+    halted: "更新中止，已撤回", cancelled: "更新取消，已撤回", retired: "设备已停用",
+    "already running": "已在运行该版本",
   };
   const FEED_MAX = 100;
   const GOOD = "#1f8f4e", BAD = "#d23b2f", UNRATED = "#b8c0ca";
@@ -98,7 +111,7 @@
   function showLogin() {
     closeStream();
     state.me = null;
-    for (const id of ["hall-view", "devices-view", "device-view", "links", "logout"]) $(id).hidden = true;
+    for (const id of ["hall-view", "devices-view", "updates-view", "device-view", "links", "logout"]) $(id).hidden = true;
     $("who").textContent = "";
     $("login-view").hidden = false;
     setLive(false, "未登录");
@@ -143,11 +156,15 @@
     state.route = hash;
     $("hall-view").hidden = true;
     $("devices-view").hidden = true;
+    $("updates-view").hidden = true;
     $("device-view").hidden = true;
     if (!state.me) return;
     if (hash.startsWith("#/device/")) {
       $("device-view").hidden = false;
       await loadDevice(decodeURIComponent(hash.slice(9)));
+    } else if (hash === "#/updates") {
+      $("updates-view").hidden = false;
+      await loadUpdates();
     } else if (hash === "#/devices") {
       $("devices-view").hidden = false;
       await Promise.all([loadDevices(), loadSystem()]);
@@ -521,6 +538,10 @@
     }
     if (e.kind === "boot" || e.kind === "birth") return label + (d.rst ? "（复位原因 " + d.rst + "）" : "");
     if (e.kind === "gap") return label + "：" + d.from + "–" + d.to + "，丢失 " + d.missing + " 条";
+    if (e.kind === "ota") {
+      return label + "：" + (d.rid || "") + " " + (d.ver || "") + " " + (UPDATE_LABELS[d.state] || d.state || "") +
+        (d.why ? "（" + whyText(d.why) + "）" : "");
+    }
     return label;
   }
 
@@ -562,6 +583,67 @@
     ].filter(Boolean));
   }
 
+  // ---- firmware updates ------------------------------------------------------------------
+  async function loadUpdates() {
+    const data = await api("GET", "updates");
+    const box = $("updates");
+    if (!data.rollouts.length) {
+      box.replaceChildren(h("div", { class: "empty" }, "没有固件更新。"),
+        releaseList(data.releases));
+      return;
+    }
+    box.replaceChildren(...data.rollouts.map(rolloutCard), releaseList(data.releases));
+  }
+
+  function whyText(why) {
+    if (!why) return "";
+    if (WHY_LABELS[why]) return WHY_LABELS[why];
+    if (why.startsWith("already on ")) return "已是该版本";
+    return why;
+  }
+
+  function rolloutCard(r) {
+    const c = r.counts;
+    const tally = UPDATE_ORDER.filter((s) => c[s]).map((s) =>
+      h("span", { class: "tally " + s, "data-count": s }, UPDATE_LABELS[s] + " " + c[s]));
+    const rows = r.device_list.map((d) => {
+      const pct = d.progress === null || d.progress === undefined ? null : Math.floor(d.progress * 100);
+      return h("tr", { "data-device": d.device_id, "data-update-state": d.state },
+        h("td", null, h("a", { href: "#/device/" + encodeURIComponent(d.device_id) }, d.device_id),
+          d.canary ? h("span", { class: "tag" }, "试点") : null),
+        h("td", null, windowName(d.window)),
+        h("td", null, h("span", { class: "pill upd-" + d.state }, UPDATE_LABELS[d.state] || d.state)),
+        h("td", null, d.state === "downloading" && pct !== null
+          ? h("span", { class: "progress", title: d.off + " / " + d.size + " 字节" },
+            h("span", { class: "track" }, h("span", { class: "bar", style: "width:" + pct + "%" })),
+            h("span", { class: "num" }, pct + "%"))
+          : whyText(d.why)),
+        h("td", null, d.fw || "—"),
+        h("td", null, d.online ? "在线" : "离线"),
+        h("td", null, whenIso(d.updated_at)));
+    });
+    return h("article", { class: "rollout state-" + r.state, "data-rollout": r.rid, "data-state": r.state, "data-stage": r.stage },
+      h("header", null,
+        h("b", null, r.rid + " · 固件 " + r.version), " ", h("span", { class: "meta" }, "型号 " + r.board),
+        h("span", { class: "pill roll-" + r.state }, ROLLOUT_LABELS[r.state] || r.state),
+        r.state === "running" || r.state === "paused" ? h("span", { class: "meta" }, "阶段：" + (STAGE_LABELS[r.stage] || r.stage)) : null),
+      h("div", { class: "meta" }, "试点 " + r.canary + " 台，之后每批最多 " + r.batch + " 台，失败超过 " +
+        r.max_failures + " 台即中止 · 开始于 " + whenIso(r.created_at)),
+      r.why ? h("p", { class: "error" }, "中止原因：" + r.why) : null,
+      h("div", { class: "tallies" }, tally.length ? tally : "还没有设备。"),
+      rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "devices updates" },
+        h("thead", null, h("tr", null, ["评价器", "窗口", "更新状态", "进度 / 原因", "当前固件", "连接", "更新于"].map((t) => h("th", null, t)))),
+        h("tbody", null, rows))) : null);
+  }
+
+  function releaseList(releases) {
+    if (!releases.length) return h("div", null);
+    return h("details", { class: "releases" }, h("summary", null, "已登记的固件版本（" + releases.length + "）"),
+      h("table", { class: "fields" }, h("tbody", null, releases.map((r) => h("tr", { "data-release": r.version + "/" + r.board },
+        h("th", null, r.version + " · " + r.board),
+        h("td", null, r.size + " 字节 · SHA-256 " + r.sha256.slice(0, 16) + "…" + (r.notes ? " · " + r.notes : "")))))));
+  }
+
   // ---- wiring ----------------------------------------------------------------------------
   document.addEventListener("DOMContentLoaded", () => {
     $("login-form").addEventListener("submit", onLogin);
@@ -577,6 +659,10 @@
         loadDevice(decodeURIComponent(state.route.slice(9))).catch(() => {});
       }
     }, 10000);
+    // Download progress moves with every chunk: the updates view looks every 2 s.
+    setInterval(() => {
+      if (state.me && !document.hidden && !$("updates-view").hidden) loadUpdates().catch(() => {});
+    }, 2000);
     start().catch(() => showLogin());
   });
 }());
