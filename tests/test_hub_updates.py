@@ -655,12 +655,12 @@ def test_dashboard_shows_each_rollout_with_device_states_in_chromium(make_hall, 
                 assert "校验值不符" in await failed.text_content()
                 going = card.locator('tr[data-device="D0003"][data-update-state="downloading"]')
                 assert "33%" in await going.text_content()
+                await page.screenshot(path=os.path.join(shots, "updates.png"), full_page=True)
                 # Progress without reloading: the page looks again while it is open.
                 hall.devices["D0003"].release()
                 await page.wait_for_selector('#updates [data-rollout="%s"][data-state="done"]'
                                              % rid, timeout=20000)
                 await page.wait_for_selector('tr[data-device="D0003"][data-update-state="done"]')
-                await page.screenshot(path=os.path.join(shots, "updates.png"), full_page=True)
                 assert errors == []
             finally:
                 await browser.close()
