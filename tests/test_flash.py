@@ -521,3 +521,259 @@ def test_a_unit_without_a_micropython_repl_is_a_clear_error(tmp_path, boards, hu
     assert proc.returncode == 11
     assert proc.stderr.strip() == ("error: no MicroPython REPL answers on %s: a new board needs "
                                    "--base-image; a running app may need a RESET" % board.port)
+
+
+# -- the two-slot layout (updates over the air) ----------------------------------------------
+
+def _old_layout(board, build_dir, device_id, key_hex):
+    """A unit flashed before slots: every module loose in its root (with an old manifest
+    listing them), the app's entry as main.py, its own identity and two journal segments."""
+    from simulator import build as fwbuild
+
+    manifest = {}
+    for rel in image_modules("sim-v1", build_dir):
+        if rel in ("simboard.mpy", "simdevice.mpy"):
+            continue
+        target = os.path.join(board.flash, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(build_dir, rel), target)
+        manifest[rel] = "00"
+    with open(os.path.join(board.flash, "main.py"), "w") as f:
+        f.write("import app  # the old entry\n")
+    manifest["main.py"] = "00"
+    with open(os.path.join(board.flash, "firmware.json"), "w") as f:
+        json.dump({"format": "pingjia-firmware/1", "fw": "0.0.9", "board": "sim-v1",
+                   "files": manifest}, f)
+    with open(os.path.join(board.flash, "config.json"), "w") as f:
+        json.dump({"device_id": device_id, "key": key_hex}, f)
+    os.makedirs(os.path.join(board.flash, "journal"))
+    for name in ("seg000", "seg001"):
+        with open(os.path.join(board.flash, "journal", name), "wb") as f:
+            f.write(b"votes of " + name.encode())
+    assert fwbuild.SIM_MODULES  # the simulator's modules were never put on a unit
+
+
+def test_a_unit_flashed_before_slots_gets_slot_0_and_keeps_its_journal(tmp_path, boards, hub,
+                                                                        build_dir):
+    board = boards()
+    provisioned, path = exported(hub, tmp_path, "D0018", window="W18")
+    _old_layout(board, build_dir, "D0018", provisioned.key_hex)
+    journal = {n: board.read("journal/" + n) for n in ("seg000", "seg001")}
+    request = dict(device_id="D0018", window="W18", board="sim", port=board.port,
+                   provisioning=path)
+    result, lines = in_process(request, build_dir)
+    assert result.previous_id == "D0018" and result.journal_wiped == 0
+    assert result.removed >= 12  # the loose modules
+    assert_firmware_installed(board, build_dir)  # slot0.img, bootsel as main.py, no .mpy
+    assert not os.path.exists(os.path.join(board.flash, "evaluator"))  # emptied, removed
+    assert not os.path.exists(os.path.join(board.flash, "board"))
+    assert {n: board.read("journal/" + n) for n in journal} == journal
+    assert any("app slot 0 (slot0.img)" in line for line in lines)
+    assert any(line.startswith("[7/8] verify") for line in lines)
+
+    # Later the unit took an update to slot 1 and has it on trial, with a download state:
+    # a reflash is the known-good state again -- slot 0 confirmed, slot 1 and the rest gone.
+    with open(os.path.join(board.flash, "ota.json"), "w") as f:
+        json.dump({"a": 0, "t": 1, "n": 1, "tv": "0.2.0", "rb": None}, f)
+    with open(os.path.join(board.flash, "slot1.img"), "wb") as f:
+        f.write(b"an image on trial")
+    with open(os.path.join(board.flash, "dl.json"), "w") as f:
+        json.dump({"ver": "0.2.0", "sha": "00", "size": 9, "got": 4}, f)
+    with open(os.path.join(board.flash, "slot0.img"), "r+b") as f:
+        f.write(b"\x00\x00")  # and slot 0 damaged
+    result, _ = in_process(request, build_dir)
+    assert_firmware_installed(board, build_dir)
+    assert result.removed == 3 and result.copied == 1  # ota.json, slot1.img, dl.json; slot 0
+    assert {n: board.read("journal/" + n) for n in journal} == journal
+    assert json.loads(board.read("config.json"))["device_id"] == "D0018"
+
+
+def test_the_flashed_unit_boots_from_slot_0_under_the_simulators_launcher(tmp_path, boards, hub,
+                                                                          build_dir):
+    # The simulator's launcher runs firmware/bootsel.py (the flashed main.py) on the unit's
+    # folder, which mounts slot0.img and imports the simulated board's entry from it. The
+    # build's own ROMFS is out of reach (a path that does not exist), and no module is
+    # loose in the folder: the hello can only come from the flashed image.
+    import asyncio
+
+    from evaluator import VERSION
+    from simulator.fleet import Device, Fleet
+
+    board = boards()
+    _, path = exported(hub, tmp_path, "D0019")
+    in_process(dict(device_id="D0019", board="sim", port=board.port, provisioning=path),
+               build_dir)
+    board.close()  # the stand-in REPL is done; the folder is the unit's flash now
+    with open(BOOTSEL, "rb") as f:
+        assert board.read("main.py") == f.read()
+
+    async def boot():
+        fleet = Fleet(str(tmp_path / "fleet"), build_dir=build_dir)
+        await fleet.start()
+        fleet.romfs = str(tmp_path / "no-such-build.romfs")
+        dev = fleet.devices["D0019"] = Device("D0019", board.flash)
+        try:
+            await fleet.spawn("D0019")
+            await fleet.wait_for(lambda: dev.fw is not None or not dev.alive, 60, "hello")
+            return dev.fw, fleet.log_tail("D0019")
+        finally:
+            await fleet.close()
+
+    fw, log = asyncio.run(boot())
+    assert fw == VERSION, log
+    assert not os.path.exists(os.path.join(board.flash, "ota.json"))  # slot 0 stays confirmed
+
+
+def test_the_real_boards_image_holds_start_and_its_modules_not_the_simulators(tmp_path,
+                                                                               micropython):
+    image = build_image("esp32s3-evaluator", str(tmp_path / "mpy"))
+    assert image.path.endswith("-esp32s3-v1.romfs") and image.size == os.path.getsize(image.path)
+    with open(image.path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == image.sha256
+    # Mounted as bootsel.py mounts a slot (VfsRom at /rom, first on the path), with the
+    # fake machine/network modules standing in for the ESP32's: start's imports all load.
+    script = (
+        "import sys, vfs, os\n"
+        "vfs.mount(vfs.VfsRom(open(sys.argv[1], 'rb').read()), '/rom')\n"
+        "sys.path.insert(0, '/rom')\n"
+        "sys.path.append(sys.argv[2])\n"
+        "import evaluator, app, board.esp32s3, evaluator.config, evaluator.journal\n"
+        "import evaluator.rating, bootsel, ota\n"
+        "print('ok', evaluator.VERSION, sorted(os.listdir('/rom')))\n")
+    proc = subprocess.run([micropython, "-c", script, image.path,
+                           os.path.join(ROOT, "tests", "fake_esp32")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok %s " % image.version)
+    listed = proc.stdout
+    assert "'start.mpy'" in listed and "'app.mpy'" in listed and "'board'" in listed
+    assert "simboard" not in listed and "simdevice" not in listed
+    # The same build for the simulated board carries the simulator's entry instead.
+    sim = build_image("sim", str(tmp_path / "mpy"))
+    assert sim.sha256 != image.sha256 and sim.version == image.version
+
+
+# A stand-in for mpremote against an ESP32-S3 whose app slots are ROMFS segments. It logs
+# every call's arguments, keeps the unit's flash in a folder (UNIT_DIR) with the two
+# segments as rom0.bin / rom1.bin, and runs the code flash.sh sends with `exec` under
+# CPython there, with `sys` answering as an ESP32-S3 and `vfs.rom_ioctl` served from the
+# segment files. `romfs -p N deploy FILE` writes FILE into segment N.
+ROMFS_STANDIN = r'''import builtins, hashlib, json, os, shutil, sys, types
+unit, seg_bytes = os.environ["UNIT_DIR"], 256 * 1024
+with open(os.environ["MPREMOTE_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+def seg(n):
+    p = os.path.join(unit, "rom%d.bin" % n)
+    with open(p, "rb") as f:
+        return f.read()
+def put(n, off, data):
+    p = os.path.join(unit, "rom%d.bin" % n)
+    body = bytearray(seg(n))
+    body[off:off + len(data)] = data
+    with open(p, "wb") as f:
+        f.write(bytes(body))
+def rom_ioctl(op, n=0, *args):
+    if op == 2:
+        return seg(n) if n < 2 else -19
+    if op == 3:
+        put(n, 0, b"\xff" * args[0])
+        return 16
+    return 0
+fake_vfs = types.SimpleNamespace(rom_ioctl=rom_ioctl, umount=lambda p: None)
+fake_sys = types.SimpleNamespace(platform="esp32", implementation=types.SimpleNamespace(
+    _machine="Generic ESP32S3 module with ESP32S3", _mpy=int(os.environ["UNIT_MPY"]),
+    version=(1, 25, 0)))
+real_import = builtins.__import__
+def fake_import(name, *a, **k):
+    return {"sys": fake_sys, "vfs": fake_vfs}.get(name) or real_import(name, *a, **k)
+args = sys.argv[sys.argv.index("resume") + 1:]
+os.chdir(unit)
+while args:
+    cmd = args[:args.index("+")] if "+" in args else args
+    args = args[len(cmd) + 1:]
+    if cmd[0] == "exec":
+        exec(cmd[1], {"__builtins__": dict(vars(builtins), __import__=fake_import)})
+    elif cmd[0] == "romfs":
+        if os.environ.get("UNIT_NO_ROMFS"):
+            print("mpremote: ROMFS0 partition not found on device")
+            sys.exit(1)
+        with open(cmd[-1], "rb") as f:
+            image = f.read()
+        put(int(cmd[cmd.index("-p") + 1]), 0, image + b"\xff" * (seg_bytes - len(image)))
+        print("Image size is %d bytes" % len(image))
+        print("ROMFS image deployed")
+    elif cmd[:2] == ["fs", "cp"]:
+        shutil.copyfile(cmd[2], os.path.join(unit, cmd[3].lstrip(":")))
+        print("cp %s %s" % (cmd[2], cmd[3]))
+'''
+
+
+def test_a_romfs_board_gets_the_image_in_rom_segment_0(tmp_path, boards, hub, build_dir,
+                                                        monkeypatch):
+    board = boards()  # only its port is used: the stand-in mpremote is the unit
+    unit = tmp_path / "esp32s3-unit"
+    unit.mkdir()
+    (unit / "rom0.bin").write_bytes(b"\xff" * 256 * 1024)
+    (unit / "rom1.bin").write_bytes(b"an old image in slot 1".ljust(256 * 1024, b"\x00"))
+    (unit / "ota.json").write_text(json.dumps({"a": 1, "t": None, "n": 0}))
+    standin = tmp_path / "mpremote_romfs.py"
+    standin.write_text(ROMFS_STANDIN)
+    log = tmp_path / "mpremote.log"
+    firmware = build_firmware("esp32s3-evaluator", build_dir)
+    env = {"PINGJIA_MPREMOTE": "%s %s" % (sys.executable, standin), "MPREMOTE_LOG": str(log),
+           "UNIT_DIR": str(unit), "UNIT_MPY": str(firmware.mpy_version)}
+    _, path = exported(hub, tmp_path, "D0020")
+    args = ["--device-id", "D0020", "--board", "esp32s3-evaluator", "--provisioning", path,
+            "--port", board.port, "--build-dir", build_dir, "--json"]
+    proc = run_flash_sh(args, env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    image = firmware.image
+    assert (summary["slots"], summary["image_sha256"]) == ("romfs", image.sha256)
+    assert "sha256 all match" in proc.stderr and "app slot 0 written" in proc.stderr
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    for call in calls:
+        assert call[:3] == ["connect", board.port, "resume"]
+    [copy] = [c for c in calls if "romfs" in c]
+    deploy = copy.index("romfs")
+    assert copy[3] == "exec" and copy[deploy:deploy + 5] == ["romfs", "-p", "0", "deploy",
+                                                             image.path]
+    assert copy.index(":main.py") > deploy  # the slot first, then the boot selector
+    assert calls[-1][3:] == ["reset"]  # an ESP32 restarts into bootsel.py
+    with open(image.path, "rb") as f:
+        assert (unit / "rom0.bin").read_bytes()[:image.size] == f.read()
+    assert (unit / "rom1.bin").read_bytes()[:4096] == b"\xff" * 4096  # slot 1 erased
+    with open(BOOTSEL, "rb") as f:
+        assert (unit / "main.py").read_bytes() == f.read()
+    assert not (unit / "ota.json").exists() and not (unit / "slot0.img").exists()
+    manifest = json.loads((unit / "firmware.json").read_text())
+    assert manifest["slots"] == "romfs" and set(manifest["files"]) == {"main.py", "board.json"}
+    assert manifest["slot0"]["sha256"] == image.sha256
+
+    # A reflash finds slot 0 already holding the image (hashed on the unit): not rewritten.
+    log.unlink()
+    proc = run_flash_sh(args, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds this image" in proc.stderr
+    assert not [c for c in map(json.loads, log.read_text().splitlines()) if "romfs" in c]
+
+    # A segment that does not read back as the image is a mismatch that names the slot.
+    def corrupt(link):
+        body = bytearray((unit / "rom0.bin").read_bytes())
+        body[100] ^= 1
+        (unit / "rom0.bin").write_bytes(bytes(body))
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(VerifyMismatch) as caught:
+        flash(FlashRequest(device_id="D0020", board="esp32s3-evaluator", port=board.port,
+                           provisioning=path, build_dir=build_dir),
+              tools=Tools.from_env(), echo=lambda line: None, after_copy=corrupt)
+    assert caught.value.files == ["slot 0 (ROMFS segment 0)"]
+
+    # A MicroPython without ROMFS segments cannot hold app slots: a wrong base image.
+    (unit / "rom0.bin").write_bytes(b"\xff" * 256 * 1024)
+    proc = run_flash_sh(args, dict(env, UNIT_NO_ROMFS="1"))
+    assert proc.returncode == WrongBoard.exit_code
+    assert "no ROMFS segment for app slot 0" in proc.stderr
