@@ -1,4 +1,5 @@
-"""`pingjia device flash` and flash.sh: one command flashes a counter evaluator over USB.
+"""`pingjia device flash` and flash.sh: one command flashes a counter evaluator over USB;
+`pingjia device image`: the firmware image file for a board (a release for the hub).
 
 Thin over hub.flashing. Each FlashError ends the command with one line (`error: …`) and its
 own exit status (docs/technician.md, "Exit codes"); progress goes to stdout, or to stderr
@@ -11,6 +12,8 @@ import click
 
 from hub import PingjiaError
 from hub.flashing import DEFAULT_BOARD, DEFAULT_BUILD, FlashError, FlashRequest, Tools, flash
+from hub.flashing import load_board
+from hub.images import ImageError, build_image
 
 WIFI_PASSWORD_ENV = "PINGJIA_WIFI_PASSWORD"
 
@@ -92,9 +95,37 @@ def flash_command(device_id, window, port, board, hub_config, provisioning, repl
                    % (result.device_id, result.port, result.heartbeat))
 
 
+@click.command("image")
+@click.option("--board", default=DEFAULT_BOARD, show_default=True,
+              help="Board file in hardware/boards/ (name or path).")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
+              help="Where to write the image (e.g. pingjia-0.2.0-esp32s3.romfs).")
+@click.option("--build-dir", type=click.Path(file_okay=False), default=DEFAULT_BUILD,
+              help="Where mpy-cross output is kept between runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def image_command(board, out, build_dir, as_json):
+    """Build the firmware image for a board: the file flash.sh writes into app slot 0 and
+    `pingjia hub release add` takes for an update over the air."""
+    try:
+        spec = load_board(board)
+        image = build_image(spec, build_dir=build_dir, out=out)
+    except (FlashError, ImageError) as exc:
+        click.echo("error: %s" % exc, err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps({"path": image.path, "board": spec.name, "version": image.version,
+                               "sha256": image.sha256, "size": image.size}, indent=2))
+        return
+    click.echo("image %s: firmware %s for board %s, %d bytes, sha256 %s"
+               % (out, image.version, spec.name, image.size, image.sha256))
+    click.echo("release it: pingjia hub release add %s --version %s --board %s"
+               % (out, image.version, spec.name))
+
+
 def register(device_group):
-    """Attach `flash` to the `pingjia device` group."""
+    """Attach `flash` and `image` to the `pingjia device` group."""
     device_group.add_command(flash_command)
+    device_group.add_command(image_command)
 
 
 def main():

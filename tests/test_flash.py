@@ -777,3 +777,28 @@ def test_a_romfs_board_gets_the_image_in_rom_segment_0(tmp_path, boards, hub, bu
     proc = run_flash_sh(args, dict(env, UNIT_NO_ROMFS="1"))
     assert proc.returncode == WrongBoard.exit_code
     assert "no ROMFS segment for app slot 0" in proc.stderr
+
+
+def test_device_image_makes_the_release_file_the_hub_takes(tmp_path, hub, build_dir):
+    from click.testing import CliRunner
+
+    from hub.cli import cli
+
+    out = tmp_path / "pingjia-esp32s3.romfs"
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["device", "image", "--board", "esp32s3-evaluator", "--out",
+                                str(out), "--build-dir", build_dir, "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.output)
+    data = out.read_bytes()
+    assert summary["sha256"] == hashlib.sha256(data).hexdigest() and summary["size"] == len(data)
+    assert summary["board"] == "esp32s3-v1" == load_board("esp32s3-evaluator").name
+    assert data == open(build_image("esp32s3-evaluator", build_dir).path, "rb").read()
+    # The file is what `pingjia hub release add` stores as a release for that board.
+    added = runner.invoke(cli, ["hub", "release", "add", str(out), "--version",
+                                summary["version"], "--board", summary["board"],
+                                "--config", hub.source])
+    assert added.exit_code == 0, added.output
+    assert summary["sha256"] in added.output
+    bad = runner.invoke(cli, ["device", "image", "--board", "no-such-board", "--out", str(out)])
+    assert bad.exit_code == 1 and "no such board file" in bad.output
