@@ -499,13 +499,14 @@ def test_every_exit_code_and_option_is_documented():
     from click.testing import CliRunner
 
     from hub.cli import cli
-    from hub.cli_flash import flash_command
+    from hub.cli_flash import flash_command, image_command
     shown = CliRunner().invoke(cli, ["device", "flash", "--help"])
     assert shown.exit_code == 0 and "--device-id" in shown.output
-    for param in flash_command.params:
+    for param in flash_command.params + image_command.params:
         for opt in param.opts:
             if opt.startswith("--"):
                 assert "`%s" % opt in doc, opt
+    assert "pingjia device image --board" in doc
 
 
 def test_a_unit_without_a_micropython_repl_is_a_clear_error(tmp_path, boards, hub, build_dir):
