@@ -573,6 +573,10 @@ erased = False
 if %(erase_rom)r >= 0:
     import vfs
     try:
+        vfs.umount('/rom')  # the boot selector may have mounted this very segment there
+    except Exception:
+        pass
+    try:
         s = vfs.rom_ioctl(2, %(erase_rom)r)
         if not isinstance(s, int):
             if hasattr(s, 'ioctl'):
@@ -1178,7 +1182,7 @@ def _install_plan(firmware, board, credentials, private):
     return plan, expected
 
 
-def _stale_files(info, firmware, expected, board, root=ROOT):
+def _stale_files(info, expected, board, root=ROOT):
     """Files to remove before copying: what the unit's previous manifest listed and this
     install does not (a unit flashed before slots had every module loose in its root), the
     loose modules this firmware's image now holds, compiled or as source, even when no
@@ -1281,7 +1285,7 @@ def flash(request, tools=None, echo=print, after_copy=None):
             result.files, " and app slot 0" if rom_image else "", result.bytes, port.device,
             "; wiping the journal of %s" % info.device_id if wipe else ""))
         result.copied, result.up_to_date, result.removed, result.journal_wiped = copy_files(
-            link, plan, remove=_stale_files(info, firmware, expected, board), wipe=wipe,
+            link, plan, remove=_stale_files(info, expected, board), wipe=wipe,
             report=progress.info, rom_image=rom_image,
             erase_rom=1 if board.slots == "romfs" else None)
     finally:
