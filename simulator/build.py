@@ -205,3 +205,62 @@ def micropython_cmd() -> str:
 def micropython_path(out_dir: str) -> str:
     """MICROPYPATH for a device process: frozen stdlib (asyncio) first, then the build."""
     return ".frozen" + os.pathsep + out_dir
+
+
+# ---- release images (over-the-air updates) -------------------------------------------------
+VARIANTS = ("good", "crash", "mute")
+# What a variant changes in its copy of the sources: (file under the copy, text, new text).
+# "crash": the entry module raises at import, so the boot selector rolls back at once.
+# "mute": the device boots and runs, but dials a port nothing listens on, so it never
+# reaches the hub, never confirms, and rolls back at the trial's deadline.
+_VARIANT_EDITS = {
+    "good": (),
+    "crash": (("simulator/simdevice.py", "import gc\n",
+               "raise RuntimeError('crash image')\nimport gc\n"),),
+    "mute": (("simulator/simdevice.py", '"hub_port": cfg.hub_port,', '"hub_port": 1,'),),
+}
+
+
+def build_image(version: str, out_dir: str, variant: str = "good") -> tuple[str, str, int]:
+    """A firmware image (ROMFS, what a device's app slot holds) whose evaluator.VERSION is
+    `version`: (path, sha256 hex, size). Variants "crash" and "mute" are broken on purpose,
+    for fault runs (see _VARIANT_EDITS). Built from a copy of the sources in out_dir, which
+    keeps the compiled modules for the next build of the same version and variant."""
+    if variant not in _VARIANT_EDITS:
+        raise BuildError("unknown image variant %r (one of %s)" % (variant, ", ".join(VARIANTS)))
+    if not version or any(c in version for c in "\"\\\n/") or len(version) > 32:
+        raise BuildError("bad version %r" % version)
+    name = "pingjia-%s-%s" % (version, variant)
+    work = os.path.join(os.path.abspath(out_dir), name)
+    src = os.path.join(work, "src")
+    if os.path.isdir(src):
+        shutil.rmtree(src)
+    shutil.copytree(os.path.join(ROOT, "firmware"), os.path.join(src, "firmware"),
+                    ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    os.makedirs(os.path.join(src, "simulator"))
+    for module in SIM_MODULES:
+        shutil.copy(os.path.join(ROOT, "simulator", module), os.path.join(src, "simulator"))
+    edits = (("firmware/evaluator/__init__.py", 'VERSION = "%s"' % _current_version(),
+              'VERSION = "%s"' % version),) + _VARIANT_EDITS[variant]
+    for rel, old, new in edits:
+        path = os.path.join(src, rel)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if old not in text:
+            raise BuildError("cannot make the %s image: %s changed" % (variant, rel))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new, 1))
+    result = build(os.path.join(work, "mpy"), root=src)
+    path = os.path.join(os.path.abspath(out_dir), name + ".romfs")
+    with open(result.romfs, "rb") as f:
+        image = f.read()
+    _write_atomic(path, image)
+    return path, hashlib.sha256(image).hexdigest(), len(image)
+
+
+def _current_version() -> str:
+    with open(os.path.join(ROOT, "firmware", "evaluator", "__init__.py"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VERSION = "):
+                return line.split('"')[1]
+    raise BuildError("firmware/evaluator/__init__.py has no VERSION")
