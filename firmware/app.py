@@ -141,6 +141,17 @@ class App:
         self._drawn_ms = now
         self._hb_at = now  # when the last heartbeat was due
         self._drawn_state = None
+        # The updater (ota.py) is loaded when an offer arrives, or now when ota.json has a
+        # trial to confirm or a rollback to report; a unit never updated never loads it.
+        self.ota = None
+        try:
+            with open("ota.json") as f:
+                st = json.load(f)
+            if st.get("t") is not None or st.get("rb"):
+                import ota
+                self.ota = ota.start(self)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def unix_time(self):
         return int(self.clock.time()) + self._clk_offset
@@ -211,6 +222,17 @@ class App:
                 if seq > self._sent:
                     # The hub already holds these (e.g. after our reboot): no need to send them.
                     self._sent = seq
+                self._kicked = True
+                return
+            if kind == "ota" or kind == "fw":
+                # An offer (JSON) or a chunk of the image (binary); a chunk or a withdrawal
+                # with no updater loaded is nothing to act on.
+                if self.ota is None:
+                    if kind == "fw" or not len(payload):
+                        return
+                    import ota
+                    self.ota = ota.start(self)
+                self.ota.on(kind, payload)
                 self._kicked = True
                 return
             store = self._store
@@ -318,6 +340,8 @@ class App:
         self._sent = 0
         self._progress_ms = self.clock.ticks_ms()
         await client.publish(self._up + "birth", self.heartbeat(True), 1)
+        if self.ota is not None:
+            await self.ota.connected(client)  # a trial confirms; a rollback is reported
         self._event({"e": "conn", "up": True, "rc": client.reconnects})
         self._kicked = True
 
@@ -381,6 +405,14 @@ class App:
                     if seq > self._sent:
                         self._sent = seq
                     continue
+                # Votes first: the updater's requests and reports only when none waits.
+                ota = self.ota
+                if ota is not None:
+                    msg = ota.read()
+                    if msg is not None:
+                        await client.publish(self._up + "ota", msg, 1)
+                        ota.ack(msg)  # PUBACKed
+                        continue
             except OSError:
                 # The link dropped mid-publish; the client reconnects by itself and the
                 # record stays in the journal, so nothing is lost, only delayed.
@@ -492,6 +524,8 @@ class App:
             if self.clock.ticks_diff(now, self._hb_at) >= self.hb_ms:
                 self._hb_at = now
                 asyncio.create_task(self._beat())
+            if self.ota is not None:
+                self.ota.tick(now)
         if n % _ROOM_EVERY == 0:
             self._check_room()
         if n % _DRAW_EVERY == 0:

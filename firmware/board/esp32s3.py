@@ -8,6 +8,7 @@ import time
 
 import machine
 import network
+import vfs
 
 try:
     import asyncio
@@ -106,6 +107,69 @@ class Board:
             self.feed()
             await asyncio.sleep(0.2)
         return wlan.isconnected()
+
+    # ---- app slots (firmware/ota.py): ROMFS segments 0 and 1 ----------------------------
+    # vfs.rom_ioctl(2, n) gives segment n: on the ESP32 port a partition object (block
+    # device: readblocks/writeblocks with a byte offset, ioctl 4/5 block count and size,
+    # ioctl 6 erases a block), elsewhere a memoryview of memory-mapped flash, written with
+    # rom_ioctl 3 (prepare: erase), 4 (write) and 5 (complete). Both are handled. The stock
+    # ESP32 build exposes one segment (the "romfs" partition); two slots need a partition
+    # table and build with two (docs/firmware.md, "Updates over the air").
+    def _segment(self, n):
+        seg = vfs.rom_ioctl(2, n)
+        if isinstance(seg, int):
+            raise OSError(-seg)  # no such segment on this build
+        return seg
+
+    def slot_size(self, n):
+        seg = self._segment(n)
+        if hasattr(seg, "ioctl"):
+            return seg.ioctl(4, 0) * seg.ioctl(5, 0)
+        return len(seg)
+
+    def slot_begin(self, n, size):
+        """Erase slot n for an image of size bytes (ValueError: it does not fit)."""
+        seg = self._segment(n)
+        if size > self.slot_size(n):
+            raise ValueError("size")
+        if hasattr(seg, "ioctl"):
+            block = seg.ioctl(5, 0)
+            for b in range((size + block - 1) // block):
+                self.feed()  # erasing a 4 KB block takes tens of ms
+                if seg.ioctl(6, b):
+                    raise OSError(5)
+        else:
+            ret = vfs.rom_ioctl(3, n, size)
+            if ret < 0:
+                raise OSError(-ret)
+
+    def slot_write(self, n, off, buf):
+        """Write buf at off in slot n: on NOR flash a write is durable when it returns."""
+        seg = self._segment(n)
+        if hasattr(seg, "ioctl"):
+            block = seg.ioctl(5, 0)
+            seg.writeblocks(off // block, buf, off % block)
+        else:
+            ret = vfs.rom_ioctl(4, n, off, buf)
+            if ret < 0:
+                raise OSError(-ret)
+            vfs.rom_ioctl(5, n)
+
+    def slot_read(self, n, off, buf):
+        """Read len(buf) bytes of slot n at off into buf; returns how many."""
+        seg = self._segment(n)
+        if hasattr(seg, "ioctl"):
+            block = seg.ioctl(5, 0)
+            k = max(0, min(len(buf), seg.ioctl(4, 0) * block - off))
+            if k:
+                seg.readblocks(off // block, memoryview(buf)[:k], off % block)
+            return k
+        k = max(0, min(len(buf), len(seg) - off))
+        buf[:k] = seg[off:off + k]
+        return k
+
+    def reset(self):
+        machine.reset()
 
     def start_watchdog(self, timeout_ms=30000):
         """From now on feed() must run at least every timeout_ms or the chip resets ("wdt")."""
