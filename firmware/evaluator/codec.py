@@ -23,7 +23,7 @@ class CodecError(ValueError):
 try:
     # CPython (the hub, the simulator's emulated devices): the C implementation; the
     # per-byte loop below was a seventh of the hub's ingest time.
-    from hmac import digest as _c_hmac
+    from hmac import digest as _c_hmac  # type: ignore[import-not-found]  # not on a device
 except ImportError:
     _c_hmac = None
 
