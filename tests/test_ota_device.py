@@ -24,17 +24,18 @@ CHUNK = 1024
 
 @pytest.fixture(scope="module")
 def images():
-    """Release images: a good 0.2.0, a 0.3.0 that crashes at import, a 0.4.0 that never
-    reaches the hub. Built once for the module."""
+    """Release images by version: a good 0.2.0, a 0.3.0 that crashes at import, a 0.4.0
+    and a 0.5.0 that never reach the hub. Built once for the module."""
     out = tempfile.mkdtemp(prefix="pj-ota-images-")
     try:
         made = {}
-        for version, variant in (("0.2.0", "good"), ("0.3.0", "crash"), ("0.4.0", "mute")):
+        for version, variant in (("0.2.0", "good"), ("0.3.0", "crash"), ("0.4.0", "mute"),
+                                 ("0.5.0", "mute")):
             path, sha, size = fwbuild.build_image(version, out, variant)
             with open(path, "rb") as f:
                 image = f.read()
             assert hashlib.sha256(image).hexdigest() == sha and len(image) == size
-            made[variant] = (version, image)
+            made[version] = (version, image)
         yield made
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -142,7 +143,7 @@ async def vote(fleet, dev, hub, pid, stars=5):
 
 def test_an_update_downloads_installs_boots_on_trial_and_confirms_keeping_the_journal(
         mosquitto, images):
-    version, image = images["good"]
+    version, image = images["0.2.0"]
 
     async def scenario(fleet, dev, hub):
         # A vote the hub holds but does not ack: it stays in the journal through the update.
@@ -196,7 +197,7 @@ def test_an_update_downloads_installs_boots_on_trial_and_confirms_keeping_the_jo
 
 
 def test_an_image_whose_hash_differs_is_refused_and_not_installed(mosquitto, images):
-    version, image = images["good"]
+    version, image = images["0.2.0"]
 
     async def scenario(fleet, dev, hub):
         hub.offer(DEVICE, version, image, sha="ab" * 32)
@@ -220,7 +221,7 @@ def test_an_image_whose_hash_differs_is_refused_and_not_installed(mosquitto, ima
 
 
 def test_a_power_cut_mid_download_resumes_where_the_flash_says(mosquitto, images):
-    version, image = images["good"]
+    version, image = images["0.2.0"]
 
     async def scenario(fleet, dev, hub):
         hub.serve_below = 20 * CHUNK
@@ -243,7 +244,7 @@ def test_a_power_cut_mid_download_resumes_where_the_flash_says(mosquitto, images
 
 
 def test_an_image_that_crashes_at_boot_rolls_back_by_itself(mosquitto, images):
-    version, image = images["crash"]
+    version, image = images["0.3.0"]
 
     async def scenario(fleet, dev, hub):
         hub.offer(DEVICE, version, image)
@@ -269,7 +270,7 @@ def test_an_image_that_crashes_at_boot_rolls_back_by_itself(mosquitto, images):
 
 
 def test_an_image_that_never_reaches_the_hub_rolls_back_at_the_deadline(mosquitto, images):
-    version, image = images["mute"]
+    version, image = images["0.4.0"]
 
     async def scenario(fleet, dev, hub):
         hub.offer(DEVICE, version, image)
@@ -284,6 +285,35 @@ def test_an_image_that_never_reaches_the_hub_rolls_back_at_the_deadline(mosquitt
         assert not hub.got("ok")
 
     run_device(mosquitto, scenario, confirm_s=6)
+
+
+def hellos(dev):
+    return [m for m in dev.recent if m.get("e") == "hello"]
+
+
+def test_power_cuts_during_a_trial_roll_back_at_its_third_boot(mosquitto, images):
+    version, image = images["0.5.0"]
+
+    async def scenario(fleet, dev, hub):
+        hub.offer(DEVICE, version, image)
+        await fleet.wait_for(lambda: hub.got("installed"), 60, "installed")
+        seen = len(hellos(dev))
+        for n in (1, 2):
+            # The trial boots (counted before it runs) and the power goes before it could
+            # ever confirm; the deadline (120 s) is far away.
+            await fleet.wait_for(lambda: len(hellos(dev)) > seen, 30, "trial boot %d" % n)
+            assert hellos(dev)[-1]["fw"] == version
+            seen = len(hellos(dev))
+            st = flash_json(dev, "ota.json")
+            assert (st["a"], st["t"], st["n"], st["tv"]) == (0, 1, n, version)
+            await fleet.power_cut(DEVICE)
+            await fleet.spawn(DEVICE)
+        # The third boot: the selector gives up on the trial before it runs.
+        await fleet.wait_for(lambda: hub.got("rolledback"), 30, "rolled back")
+        assert hub.got("rolledback")[-1]["ver"] == version and dev.fw == OLD
+        assert flash_json(dev, "ota.json") == {"a": 0, "t": None, "n": 0, "rb": version}
+
+    run_device(mosquitto, scenario)
 
 
 # ---- the ESP32-S3 board's slot hooks, against a stand-in for vfs.rom_ioctl ----------------
