@@ -36,6 +36,7 @@ MAX_IMAGE = 8 * 1024 * 1024    # a ROMFS app partition is far smaller; this stop
 CONFIRM_TIMEOUT_S = 600        # installed but no `ok` for this long: failed
 TICK_S = 0.5                   # how soon the engine sees a CLI change
 PUBLISH_WAIT_S = 5.0           # broker PUBACK for an offer or a withdrawal
+OFFER_AGAIN_S = 30.0           # an online device that has not asked yet is offered again
 IMAGES_CACHED = 4              # release images kept in memory for chunk serving
 
 # Rollout states. running and paused are "active": at most one per board.
@@ -441,7 +442,9 @@ class RolloutEngine:
         self.ticks = 0
         self.errors = 0
         self.offers_sent = 0
+        self.offers_repeated = 0
         self.withdrawals_sent = 0
+        self._offered_at = {}   # (rid, device_id) -> when its offer was last published
         self._stop = threading.Event()
         self._thread = None
         self._republish_due = True
@@ -491,6 +494,7 @@ class RolloutEngine:
         for row in rows:
             if not self._send(offer_topic(row["device_id"]), self._offer(row)):
                 self._republish_due = True
+            self._offered_at[(row["rid"], row["device_id"])] = self.clock()
         return len(rows)
 
     def tick(self):
@@ -508,9 +512,34 @@ class RolloutEngine:
                 for device_id, payload in offers:
                     if not self._send(offer_topic(device_id), payload):
                         self._republish_due = True   # marked live: sent again from the store
+                    self._offered_at[(row["rid"], device_id)] = now
                     self.offers_sent += 1
             self._withdraw_finished()  # for a rollout that halted or finished this tick
+            self._offer_again(facts, now)
         self.ticks += 1
+
+    def _offer_again(self, facts, now):
+        """An online device offered a while ago that has not asked for a single chunk gets
+        its offer once more: a device that dropped it (busy, short of memory) picks it up."""
+        rows = self.store.conn.execute(
+            "SELECT rd.device_id, r.rid, r.version, r.release_id FROM rollout_devices rd "
+            "JOIN rollouts r ON r.rid = rd.rid WHERE rd.state = 'offered' AND "
+            "rd.offer_live = 1 AND r.state IN ('running', 'paused')").fetchall()
+        waiting = set()
+        for row in rows:
+            key = (row["rid"], row["device_id"])
+            waiting.add(key)
+            last = self._offered_at.setdefault(key, now)
+            fact = facts.get(row["device_id"])
+            if now - last >= OFFER_AGAIN_S and fact is not None and fact.online:
+                self._send(offer_topic(row["device_id"]), self._offer(row))
+                self._offered_at[key] = now
+                self.offers_repeated += 1
+                log.info("device %s: %s offered again (no request yet)", row["device_id"],
+                         row["rid"])
+        for key in list(self._offered_at):
+            if key not in waiting:
+                del self._offered_at[key]
 
     def _confirm_timeouts(self, now):
         store = self.store

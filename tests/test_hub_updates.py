@@ -666,3 +666,81 @@ def test_dashboard_shows_each_rollout_with_device_states_in_chromium(make_hall, 
                 await browser.close()
 
     asyncio.run(main())
+
+
+# -- the engine on its own: a clock in the test's hand -------------------------------------------
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1_800_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+class Sent:
+    """What paho's publish returns, for a broker that always takes the message."""
+
+    def wait_for_publish(self, timeout=None):
+        pass
+
+    def is_published(self):
+        return True
+
+
+def test_engine_offers_again_to_a_silent_device_and_fails_an_unconfirmed_install(tmp_path):
+    clock = FakeClock()
+    store = Store(str(tmp_path / "hub.db"), clock=clock)
+    with store.transaction():
+        for device_id in ("D0001", "D0002"):
+            store.conn.execute("INSERT INTO devices (device_id, key_hex) VALUES (?, ?)",
+                               (device_id, "00" * 32))
+            store.note_health(device_id, online=True,
+                              birth={"fw": OLD, "board": BOARD, "up": 1})
+    image = image_bytes(9, 2000)
+    updates.add_release(store, image, NEW, BOARD)
+    rid = updates.start_rollout(store, NEW, canary=1, max_failures=0)["rid"]
+    published = []
+
+    def publish(topic, payload, qos, retain):
+        published.append((topic, payload, qos, retain))
+        return Sent()
+
+    engine = updates.RolloutEngine(store.path, publish, clock=clock)
+    engine.store = store
+    engine.tick()
+    offer = json.dumps({"ver": NEW, "size": 2000, "sha": hashlib.sha256(image).hexdigest(),
+                        "rid": rid}, separators=(",", ":"))
+    assert published == [("pj/D0001/dn/ota", offer, 1, True)]
+
+    # Silent for a while: offered once more (the device still heartbeats, so it is online).
+    clock.t += 10
+    store.note_health("D0001", online=True)
+    engine.tick()
+    assert len(published) == 1
+    clock.t += updates.OFFER_AGAIN_S
+    store.note_health("D0001", online=True)
+    engine.tick()
+    assert published[1:] == [("pj/D0001/dn/ota", offer, 1, True)]
+
+    # It asks, downloads and installs, then never says ok: failed after ten minutes, which
+    # halts the rollout (no failure allowed) and withdraws the offer.
+    reports = updates.Reports(store)
+    with store.transaction():
+        chunk = reports.handle("D0001", {"st": "get", "ver": NEW, "off": 1024})
+        reports.handle("D0001", {"st": "installed", "ver": NEW})
+    assert chunk == [("pj/D0001/dn/fw", struct.pack(">I", 1024) + image[1024:2048], 1, False)]
+    clock.t += updates.CONFIRM_TIMEOUT_S - 1
+    engine.tick()
+    assert updates.rollout(store, rid)["state"] == "running"
+    clock.t += 2
+    engine.tick()
+    shown = updates.rollout(store, rid)
+    assert shown["state"] == "halted"
+    devices = {d["device_id"]: d for d in shown["device_list"]}
+    assert (devices["D0001"]["state"], devices["D0001"]["why"]) == \
+        ("failed", "no confirmation in 10 min")
+    assert devices["D0002"]["state"] == "pending"
+    assert published[-1] == ("pj/D0001/dn/ota", b"", 1, True)
+    assert not [p for p in published if p[0] == "pj/D0002/dn/ota"]
+    store.close()
