@@ -398,6 +398,11 @@ class Reports:
         # release is never served to a device it was not offered to.
         row = self._row(device_id, ver, IN_FLIGHT, any_rollout=False)
         if row is None:
+            if self._row(device_id, ver, FINISHED, any_rollout=True) is not None:
+                # Its offer ended (withdrawn, failed, done) while this request was on its
+                # way: no chunk, but no misbehaviour either.
+                self.store.bump("ota_stray")
+                return []
             raise Refused("ota_not_offered")
         image = self._image(row["release_id"])
         if off >= len(image):
