@@ -131,6 +131,40 @@ def sim_chaos(kinds, fault_every, **params):
     _report(run(opts, chaos, say=say, live=live), params["as_json"])
 
 
+@sim.command("update")
+@hall_options
+@click.option("--canary", default=2, show_default=True, type=click.IntRange(1),
+              help="Devices each rollout tries first.")
+@click.option("--batch", default=3, show_default=True, type=click.IntRange(1),
+              help="Devices updating at once after the canaries.")
+@click.option("--download-cuts", default=2, show_default=True, type=click.IntRange(0),
+              help="Power cuts of devices in the middle of their download.")
+@click.option("--install-cuts", default=2, show_default=True, type=click.IntRange(0),
+              help="Power cuts of devices right after they installed the new image.")
+@click.option("--no-bad-images", is_flag=True,
+              help="Skip the crashing and the corrupted image; only the good rollout.")
+def sim_update(canary, batch, download_cuts, install_cuts, no_bad_images, **params):
+    """A firmware update across a simulated fleet while citizens vote: a crashing image and
+    a corrupted one are stopped at the canaries, the good one reaches every device through
+    power cuts; afterwards no device lacks working firmware and no vote is lost."""
+    from simulator.run import format_summary
+    from simulator.update import UpdateOptions, format_update, run
+
+    params["no_forgeries"] = True
+    opts = _options(params, 900.0)
+    uopts = UpdateOptions(canary=canary, batch=batch, download_cuts=download_cuts,
+                          install_cuts=install_cuts, bad_images=not no_bad_images)
+    say, live = _voices(params["as_json"])
+    summary = run(opts, uopts, say=say, live=live)
+    if params["as_json"]:
+        click.echo(json.dumps(summary, ensure_ascii=False))
+    else:
+        click.echo(format_update(summary))
+        click.echo(format_summary(summary))
+    if not summary["ok"]:
+        raise click.exceptions.Exit(1)
+
+
 @sim.command("demo")
 @click.option("--duration", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Seconds to run; 0 runs until Ctrl-C.")
