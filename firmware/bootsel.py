@@ -1,23 +1,11 @@
 # The boot selector: which of the two app slots boots (docs/firmware.md, "Updates over the
 # air"). It runs first at every boot, from source on the flash file system, and it is never
 # updated over the air: a new firmware image can be broken, this file cannot be replaced by
-# one. A board's /main.py (the simulator's launcher, simulator/fleet.py, alike) imports it,
-# calls boot(), drops the module and imports the entry module boot() names:
-#
-#     import os, sys
-#     import bootsel
-#     e, r = bootsel.boot()
-#     del sys.modules["bootsel"], bootsel
-#     try:
-#         __import__(e)
-#     except Exception:
-#         if r is None:
-#             raise  # the confirmed slot: nothing to fall back to
-#         with open("ota.tmp", "w") as f:
-#             f.write(r)
-#         os.rename("ota.tmp", "ota.json")
-#         import machine
-#         machine.reset()
+# one. A board runs this file as its /main.py: the block at the end calls boot(), then
+# run() imports the entry module boot() named. The simulator's launcher (simulator/fleet.py)
+# imports it instead, calls boot(), drops the module and imports the entry with the same
+# rule as run(): an exception while the slot is still on trial rolls back and resets; once
+# the trial confirmed itself, a failure is raised like any other.
 #
 # Dropping the module frees its bytecode (compiled from source, it lives on the heap) before
 # the firmware starts; what stays is the names it interned, so it keeps few and short ones.
@@ -124,3 +112,25 @@ def boot():
     sys.path.insert(0, "/rom")  # firmware first: no file on flash can shadow it
     return ((_env("PJ_ENTRY") if _env is not None else None) or "start",
             None if a else json.dumps(back(st)))
+
+
+def run(e, r):
+    """Import the entry module e that boot() named (the app runs inside that import).
+    Should it raise while its slot is still on trial, write r (the rollback state) and
+    reset. Once the trial confirmed itself (ota.json has no "t"), a later failure is the
+    confirmed firmware's own and is raised like any other: a crash must not undo a good
+    update. (One-letter names: every name here stays interned on the device heap.)"""
+    try:
+        __import__(e)
+    except Exception:
+        if r is None or state().get("t") is None:
+            raise
+        with open("ota.tmp", "w") as f:
+            f.write(r)
+        os.rename("ota.tmp", "ota.json")
+        reset()
+
+
+if __name__ == "__main__":
+    # A board runs this file as its /main.py.
+    run(*boot())

@@ -445,8 +445,8 @@ def read_journal(device_dir: str) -> list[tuple[int, int, bytes]]:
 # MicroPython code run by `-c` in the device process, what a board's /main.py is: import the
 # boot selector (firmware/bootsel.py, from source, as a board has it on flash), let it pick
 # an app slot and mount that slot's image (mapped here, its address in PJ_SLOT<n>) at /rom,
-# drop it, and import the entry module. A trial that raises at import is rolled back and
-# the device resets (exit status RESET_STATUS). Kept tiny: it is compiled on the device heap.
+# drop it, and import the entry module. A trial that raises at import (or later, before it
+# confirmed itself) is rolled back and the device resets (exit status RESET_STATUS). Kept tiny: it is compiled on the device heap.
 BOOTSEL = os.path.join(ROOT, "firmware", "bootsel.py")
 ENTRY = "simdevice"
 SLOTS = ("slot0.img", "slot1.img")
@@ -462,7 +462,8 @@ _BOOT = ("import os,sys\n"
          "try:\n"
          " __import__(e)\n"
          "except Exception:\n"
-         " if r is None:raise\n"
+         " import json\n"
+         " if r is None or json.load(open('ota.json')).get('t') is None:raise\n"
          " with open('ota.tmp','w') as f:f.write(r)\n"
          " os.rename('ota.tmp','ota.json')\n"
          " raise SystemExit(%d)\n" % RESET_STATUS)
