@@ -66,6 +66,7 @@ class Phase:
     state: str = ""
     counts: dict = field(default_factory=dict)
     failures: dict = field(default_factory=dict)  # device -> why
+    withdrawn: list = field(default_factory=list)  # offers pulled back when the rollout halted
     offered: list = field(default_factory=list)  # devices the rollout ever offered to
     cuts: list = field(default_factory=list)  # (device, when: download|install, off)
     seconds: float = 0.0
@@ -169,6 +170,8 @@ class Driver:
         phase.counts = {k: v for k, v in view["counts"].items() if v}
         phase.failures = {d["device_id"]: d["why"] for d in view["device_list"]
                           if d["state"] == "failed"}
+        phase.withdrawn = sorted(d["device_id"] for d in view["device_list"]
+                                 if d["state"] == "withdrawn")
         phase.offered = sorted(offered)
         phase.seconds = round(time.monotonic() - started, 1)
         self.say("rollout %s %s in %.1f s: %s" % (
@@ -315,7 +318,8 @@ def _judge(phases: list[Phase], firmware: dict[str, dict], old: str, new: str,
             continue
         if phase.state != "halted":
             problems.append("%s rollout ended %s, not halted" % (name, phase.state or "?"))
-        stray = [d for d in phase.offered if d not in phase.failures]
+        # A canary still downloading when the other failed has its offer withdrawn.
+        stray = [d for d in phase.offered if d not in phase.failures and d not in phase.withdrawn]
         if len(phase.offered) > uopts.canary or stray:
             problems.append("%s image went beyond the canaries: offered to %s" % (
                 name, ", ".join(phase.offered)))
@@ -342,6 +346,7 @@ def _judge(phases: list[Phase], firmware: dict[str, dict], old: str, new: str,
         "version_after": new,
         "rollouts": [{"name": p.name, "version": p.version, "rid": p.rid, "state": p.state,
                       "counts": p.counts, "failures": p.failures, "offered": p.offered,
+                      "withdrawn": p.withdrawn,
                       "power_cuts": [{"device": d, "during": w, "off": o} for d, w, o in p.cuts],
                       "seconds": p.seconds} for p in phases],
         "firmware": firmware,
@@ -357,6 +362,8 @@ def format_update(summary: dict) -> str:
             ", ".join("%s %d" % kv for kv in sorted(r["counts"].items()))))
         for device_id, why in sorted(r["failures"].items()):
             lines.append("    %s failed: %s" % (device_id, why))
+        for device_id in r["withdrawn"]:
+            lines.append("    %s: offer withdrawn when the rollout halted" % device_id)
         for cut in r["power_cuts"]:
             lines.append("    power cut %s during %s (at byte %s)" % (
                 cut["device"], cut["during"], cut["off"]))
