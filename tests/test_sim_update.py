@@ -23,7 +23,7 @@ def _pingjia(*args):
 def test_fleet_update_with_faults_leaves_every_device_working_and_loses_no_vote(tmp_path):
     workdir = tmp_path / "update"
     cmd = _pingjia("sim", "update", "--devices", str(DEVICES), "--votes", str(VISITS),
-                   "--seed", "7", "--canary", "2", "--batch", "2", "--download-cuts", "2",
+                   "--seed", "7", "--canary", "2", "--batch", "4", "--download-cuts", "2",
                    "--install-cuts", "2", "--deadline", "600", "--workdir", str(workdir),
                    "--json")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=700)
