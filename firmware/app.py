@@ -148,8 +148,9 @@ class App:
             with open("ota.json") as f:
                 st = json.load(f)
             if st.get("t") is not None or st.get("rb"):
-                import ota
-                self.ota = ota.start(self)
+                import ota as module
+
+                self.ota = module.start(self)
         except (OSError, ValueError, AttributeError):
             pass
 
@@ -225,14 +226,20 @@ class App:
                 self._kicked = True
                 return
             if kind == "ota" or kind == "fw":
-                # An offer (JSON) or a chunk of the image (binary); a chunk or a withdrawal
-                # with no updater loaded is nothing to act on.
-                if self.ota is None:
-                    if kind == "fw" or not len(payload):
+                # An offer (JSON) or a chunk of the image (binary). With no updater loaded
+                # (or unloaded for a vote, self.ota then the offer it was on: see step()),
+                # a chunk is nothing to act on and a withdrawal only forgets the offer.
+                ota = self.ota
+                if ota is None or isinstance(ota, bytes):
+                    if kind == "fw":
                         return
-                    import ota
-                    self.ota = ota.start(self)
-                self.ota.on(kind, payload)
+                    if not len(payload):
+                        self.ota = None
+                        return
+                    import ota as module
+
+                    self.ota = ota = module.start(self)
+                ota.on(kind, payload)
                 self._kicked = True
                 return
             store = self._store
@@ -340,7 +347,7 @@ class App:
         self._sent = 0
         self._progress_ms = self.clock.ticks_ms()
         await client.publish(self._up + "birth", self.heartbeat(True), 1)
-        if self.ota is not None:
+        if self.ota is not None and not isinstance(self.ota, bytes):
             await self.ota.connected(client)  # a trial confirms; a rollback is reported
         self._event({"e": "conn", "up": True, "rc": client.reconnects})
         self._kicked = True
@@ -407,7 +414,7 @@ class App:
                     continue
                 # Votes first: the updater's requests and reports only when none waits.
                 ota = self.ota
-                if ota is not None:
+                if ota is not None and not isinstance(ota, bytes):
                     msg = ota.read()
                     if msg is not None:
                         await client.publish(self._up + "ota", msg, 1)
@@ -524,8 +531,22 @@ class App:
             if self.clock.ticks_diff(now, self._hb_at) >= self.hb_ms:
                 self._hb_at = now
                 asyncio.create_task(self._beat())
-            if self.ota is not None:
-                self.ota.tick(now)
+            ota = self.ota
+            if isinstance(ota, bytes):
+                # The updater was unloaded while a citizen voted (its 2 KB of heap went to
+                # the vote): loaded again with the same offer once the rating is idle, it
+                # resumes the download where dl.json says.
+                state = self.rating.state
+                if state != "PROMPT" and state != "REASONS" and state != "SAVING":
+                    self.ota = None
+                    self._on_message(self._dn + "ota", ota, False)
+            elif ota is not None:
+                ota = ota.tick(now)
+                if ota is not None:
+                    import sys
+
+                    self.ota = ota
+                    sys.modules.pop("ota", None)
         if n % _ROOM_EVERY == 0:
             self._check_room()
         if n % _DRAW_EVERY == 0:

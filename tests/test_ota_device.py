@@ -295,9 +295,9 @@ def test_power_cuts_during_a_trial_roll_back_at_its_third_boot(mosquitto, images
     version, image = images["0.5.0"]
 
     async def scenario(fleet, dev, hub):
+        seen = len(hellos(dev))
         hub.offer(DEVICE, version, image)
         await fleet.wait_for(lambda: hub.got("installed"), 60, "installed")
-        seen = len(hellos(dev))
         for n in (1, 2):
             # The trial boots (counted before it runs) and the power goes before it could
             # ever confirm; the deadline (120 s) is far away.
@@ -441,3 +441,42 @@ def test_esp32s3_slot_hooks_write_rom_segments_through_rom_ioctl(micropython, tm
     assert out["partition_tail"] == out["memoryview_tail"] == 10  # clamped at the slot's end
     assert out["missing"] == 22  # no such segment: an OSError, never a crash
     assert out["complete_calls"] >= 9  # the memoryview kind: every write completed
+
+
+def test_a_download_in_progress_leaves_the_heap_room_for_the_heaviest_vote(mosquitto, images):
+    """The 64 KB budget with the updater loaded and a download half done: a catalogue on
+    flash, a context with bitmaps, prompts with the largest item, bad ratings with reasons."""
+    from test_app import (CATALOGUE, LIVE_MAX_BYTES, pattern, publish_raw, vote_with_reason,
+                          wire_bitmap)
+
+    version, image = images["0.2.0"]
+
+    async def scenario(fleet, dev, hub):
+        publish_raw(hub, "pj/%s/dn/cat" % DEVICE, CATALOGUE, retain=True)
+        hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": wire_bitmap(pattern(1, 48, 16)),
+                                 "win": wire_bitmap(pattern(2, 120, 16)),
+                                 "t": int(time.time())}, retain=True)
+        hub.serve_below = 24 * CHUNK
+        hub.offer(DEVICE, version, image)
+        await fleet.wait_for(lambda: len(hub.got("get")) >= 24, 30, "half the image")
+        item = wire_bitmap(pattern(3, 256, 32))
+        for i in range(2):
+            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+            pid = "PH%d" % i
+            hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
+                                        "item": item, "ttl": 60, "t": int(time.time())})
+            await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
+            assert dev.offers[pid] == "shown"
+            await asyncio.sleep(0.5)
+            await fleet.press(DEVICE, 5)
+            await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15, pid)
+            await vote_with_reason(fleet, dev, hub)
+        await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 4, 15, "four votes at the hub")
+        stats = await fleet.stats(DEVICE)
+        print("heap mid-download: live max %d of %d" % (stats["live_max"], stats["size"]))
+        assert stats["bad_downlinks"] == stats["rx_dropped"] == stats["rx_errors"] == 0, stats
+        assert stats["live_max"] <= LIVE_MAX_BYTES, stats
+        hub.serve_below = None  # and the download still completes
+        await fleet.wait_for(lambda: hub.got("ok"), 60, "updated")
+
+    run_device(mosquitto, scenario)
