@@ -91,10 +91,11 @@ def _save(name, obj):
     os.rename("ota.tmp", name)
 
 
-class Updater:
-    """One device's update state, driven by the app: on() for dn/ota and dn/fw, read()
-    and ack() from the uplink, tick() from the key scan's slower duties, connected() after
-    the birth."""
+class start:
+    """The updater: one device's update state, driven by the app: on() for dn/ota and
+    dn/fw, read() and ack() from the uplink, tick() from the key scan's slower duties,
+    connected() after the birth. (Named as the app calls it, ota.start(app): a name the
+    app interns anyway, where "Updater" would be one more.)"""
 
     def __init__(self, app):
         self.app = app
@@ -121,13 +122,13 @@ class Updater:
         self._old = 0  # "got" as dl.json last recorded it
         # When the last chunk request went (None: one is due), or the install was written;
         # on trial, the deadline (ms from boot): 120 s unless board.json says
-        # "ota": {"confirm_s": N}. (Few attributes: the 18th would double their table.)
+        # "ota": {"ttl": N} (seconds; "ttl", a name the app has, like the prompts' ttl). (Few attributes: the 18th would double their table.)
         self._since = 120000  # type: int | None
         self.resends = 0  # requests repeated after _WAIT_MS without a chunk
         if trial:
             try:
                 with open("board.json") as f:
-                    self._since = json.load(f)["ota"]["confirm_s"] * 1000
+                    self._since = json.load(f)["ota"]["ttl"] * 1000
             except (OSError, ValueError, KeyError, TypeError):
                 pass
 
@@ -362,5 +363,3 @@ class Updater:
         self.app._event(msg)
         self.app._kicked = True
 
-
-start = Updater  # the name the app calls (one it interns anyway)

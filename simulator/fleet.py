@@ -145,7 +145,7 @@ class Fleet:
         a fresh unit.
 
         `flash` overrides the board's journal geometry (journal_segments, segment_bytes);
-        `ota` its update settings (confirm_s: a trial's deadline, slot_bytes)."""
+        `ota` its update settings (ttl: the seconds a trial may take to confirm)."""
         workdir = os.path.join(self.root_dir, device_id)
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "config.json")

@@ -97,7 +97,7 @@ def run_device(mosquitto, scenario, confirm_s=None):
         fleet = Fleet(tmp, heap=HEAP)
         await fleet.start()
         fleet.add(DEVICE, device_config(mosquitto.port),
-                  ota={"confirm_s": confirm_s} if confirm_s else None)
+                  ota={"ttl": confirm_s} if confirm_s else None)
         dev = fleet.devices[DEVICE]
         try:
             await fleet.spawn(DEVICE)
@@ -465,7 +465,11 @@ def test_a_download_in_progress_leaves_the_heap_room_for_the_heaviest_vote(mosqu
             pid = "PH%d" % i
             hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
                                         "item": item, "ttl": 60, "t": int(time.time())})
-            await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
+            try:
+                await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
+            except Exception:
+                print("no offer:", await fleet.stats(DEVICE))
+                raise
             assert dev.offers[pid] == "shown"
             await asyncio.sleep(0.5)
             await fleet.press(DEVICE, 5)
