@@ -132,22 +132,7 @@ def run(e, r):
 
 
 if __name__ == "__main__":
-    # A board runs this file as its /main.py.
+    # Run as the unit's /main.py itself (as hub/flashing.py installs it): the steps of the
+    # simulator's loader, except that this module cannot be dropped while it runs, so its
+    # bytecode stays on the heap (under 1 KB on a 32-bit board).
     run(*boot())
-
-
-if __name__ == "__main__":
-    # Run as the unit's /main.py itself (as hub/flashing.py installs it): the same steps as
-    # the loader above, except that this module cannot be dropped while it runs, so its
-    # bytecode stays on the heap (under 1 KB on a 32-bit board). The loader's two files
-    # (/main.py importing /bootsel.py) spare that.
-    e, r = boot()
-    try:
-        __import__(e)
-    except Exception:
-        if r is None:
-            raise
-        with open("ota.tmp", "w") as f:
-            f.write(r)
-        os.rename("ota.tmp", "ota.json")
-        reset()
