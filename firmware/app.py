@@ -532,21 +532,27 @@ class App:
                 self._hb_at = now
                 asyncio.create_task(self._beat())
             ota = self.ota
-            if isinstance(ota, bytes):
-                # The updater was unloaded while a citizen voted (its 2 KB of heap went to
-                # the vote): loaded again with the same offer once the rating is idle, it
-                # resumes the download where dl.json says.
-                state = self.rating.state
-                if state != "PROMPT" and state != "REASONS" and state != "SAVING":
-                    self.ota = None
-                    self._on_message(self._dn + "ota", ota, False)
-            elif ota is not None:
-                ota = ota.tick(now)
-                if ota is not None:
-                    import sys
+            try:
+                if isinstance(ota, bytes):
+                    # The updater was unloaded while a citizen voted (its 2 KB of heap went
+                    # to the vote): loaded again with the same offer once the rating is
+                    # idle, it resumes the download where dl.json says.
+                    state = self.rating.state
+                    if state != "PROMPT" and state != "REASONS" and state != "SAVING":
+                        self.ota = None
+                        self._on_message(self._dn + "ota", ota, False)
+                elif ota is not None:
+                    ota = ota.tick(now)
+                    if ota is not None:
+                        import sys
 
-                    self.ota = ota
-                    sys.modules.pop("ota", None)
+                        self.ota = ota
+                        sys.modules.pop("ota", None)
+            except Exception:  # noqa: BLE001 - an updater fault must never stop the votes
+                # (a MemoryError, say): counted with the uplink's; the offer comes again at
+                # the next connect, and an unconfirmed trial still has the boot selector.
+                self.uplink_errors += 1
+                self.ota = None
         if n % _ROOM_EVERY == 0:
             self._check_room()
         if n % _DRAW_EVERY == 0:

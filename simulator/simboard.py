@@ -181,8 +181,20 @@ class SimBoard:
         """Queue one event line for the simulator (bounded; oldest dropped and counted)."""
         if self.ctl_port <= 0:
             return
-        line = json.dumps(obj)
         lines = self._lines
+        try:
+            line = json.dumps(obj)
+        except MemoryError:
+            # The simulator's own lines must never stop the firmware (a board has no such
+            # listener): the queued ones make room, and failing that this one is dropped.
+            self.lines_dropped += len(lines) + 1
+            self._queued = 0
+            lines.clear()
+            try:
+                line = json.dumps(obj)
+            except MemoryError:
+                return
+            self.lines_dropped -= 1
         while lines and (len(lines) >= _LINE_SLOTS or self._queued + len(line) > _LINE_BYTES):
             self._queued -= len(lines.pop(0))
             self.lines_dropped += 1
