@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from simulator import build as fwbuild
 from simulator.bench_kit import BenchError, median, ratio
-from simulator.fleet import DEFAULT_HEAP
+from simulator.fleet import BOARD_HEAP
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_device_mp.py")
 SIM_BOARD_FLASH = (16, 4096)  # hardware/boards/sim.json and the ESP32-S3 board alike
@@ -46,7 +46,7 @@ def bytecode_sizes(build_dir: str | None = None) -> dict:
 
 def _micropython(args: list[str], build_dir: str, cwd: str, timeout: float = 300) -> str:
     env = dict(os.environ, MICROPYPATH=fwbuild.micropython_path(build_dir))
-    proc = subprocess.run([fwbuild.micropython_cmd(), "-X", "heapsize=" + DEFAULT_HEAP, *args],
+    proc = subprocess.run([fwbuild.micropython_cmd(), "-X", "heapsize=" + BOARD_HEAP, *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -101,7 +101,7 @@ def measure(plan: Any, workdir: str, say: Callable[[str], None],
 
     return {
         "what": "the device app's heap, bytecode size and journal timings (MicroPython unix "
-                "port, -X heapsize=%s)" % DEFAULT_HEAP,
+                "port, -X heapsize=%s)" % BOARD_HEAP,
         "heap": {
             "peak_bytes": peak, "heap_bytes": heap_size, "share": share,
             "estimate_32bit_bytes": int(share * 65536) if share else None,

@@ -39,6 +39,7 @@ import aiohttp
 
 from simulator.bench_kit import (BenchError, CpuMeter, Workers, device_spec, machine_busy,
                                  median, percentile, ratio, split)
+from simulator.fleet import BOARD_HEAP
 from simulator.run import Hall, Options, ProvinceView, STAFF_NAMES
 
 PROBE_DEVICE = "BENCH-PROBE"
@@ -159,7 +160,7 @@ async def real_devices(n: int, plan: Any, workdir: str, say: Callable[[str], Non
     from simulator.citizens import Citizens, Mix
     from simulator.run import Session
 
-    opts = Options(devices=n, votes=0, forged=False, seed=plan.seed,
+    opts = Options(devices=n, votes=0, forged=False, seed=plan.seed, heap=BOARD_HEAP,
                    mix=Mix(bad=0.15, walk_away=0.0, misuse=0.0))
     session = Session(opts, workdir, say)
     say("latency: booting %d real devices" % n)

@@ -31,9 +31,9 @@ def hall_options(f):
                      help="Simulated evaluators, one per window (W001…)."),
         click.option("--votes", default=60, show_default=True, type=click.IntRange(0),
                      help="Citizen visits in total, spread over the windows."),
-        click.option("--heap", default="64K", show_default=True,
-                     help="MicroPython heap per device (-X heapsize; 64K = the board's "
-                          "64 KB taken literally, 64wK = 64 K words)."),
+        click.option("--heap", default="64wK", show_default=True,
+                     help="MicroPython heap per device (-X heapsize; 64wK = 64 K words, "
+                          "the board's GC blocks; 64K = its 64 KB taken literally)."),
         click.option("--seed", type=int,
                      help="Random seed for citizens (and faults); printed in the summary."),
         click.option("--deadline", default=None, type=click.FloatRange(1),
@@ -174,7 +174,7 @@ def sim_update(canary, batch, download_cuts, install_cuts, no_bad_images, **para
               help="The hub's HTTP port (API and dashboard) on 127.0.0.1.")
 @click.option("--province-port", default=9100, show_default=True,
               type=click.IntRange(1, 65535), help="The provincial receiver's port.")
-@click.option("--heap", default="64K", show_default=True, help="MicroPython heap per device.")
+@click.option("--heap", default="64wK", show_default=True, help="MicroPython heap per device.")
 @click.option("--seed", type=int, help="Random seed for the citizens.")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Folder for the hall (default: a temporary one, removed at the end).")

@@ -38,7 +38,7 @@ class DemoOptions:
     duration_s: float = 0.0  # 0: until Ctrl-C
     http_port: int = 8080
     province_port: int = 9100
-    heap: str = "64K"
+    heap: str = "64wK"
     seed: int | None = None
     workdir: str | None = None
     keep: bool = False
