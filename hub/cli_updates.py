@@ -19,6 +19,15 @@ def _store(config):
     return settings, Store(settings.db_path)
 
 
+def _with_store(config, call):
+    """call(settings, store) on the hub's store, closed afterwards; returns its result."""
+    settings, store = _store(config)
+    try:
+        return call(settings, store)
+    finally:
+        store.close()
+
+
 def _echo_json(obj):
     click.echo(json.dumps(obj, ensure_ascii=False, sort_keys=True))
 
@@ -47,11 +56,8 @@ def release_add(image, version, board, notes, config, as_json):
 
     with open(image, "rb") as f:
         data = f.read()
-    _, store = _store(config)
-    try:
-        made = updates.add_release(store, data, version, board, notes)
-    finally:
-        store.close()
+    made = _with_store(config, lambda _, store: updates.add_release(store, data, version,
+                                                                      board, notes))
     if as_json:
         _echo_json(made)
         return
@@ -66,11 +72,7 @@ def release_list(config, as_json):
     """Every release with its size and sha256."""
     from hub import updates
 
-    _, store = _store(config)
-    try:
-        found = updates.releases(store)
-    finally:
-        store.close()
+    found = _with_store(config, lambda _, store: updates.releases(store))
     if as_json:
         _echo_json({"releases": found})
         return
@@ -119,11 +121,7 @@ def updates_list(config, as_json):
     """Every rollout, newest first, with its stage and device counts."""
     from hub import updates as lib
 
-    _, store = _store(config)
-    try:
-        found = lib.rollouts(store)
-    finally:
-        store.close()
+    found = _with_store(config, lambda _, store: lib.rollouts(store))
     if as_json:
         _echo_json({"rollouts": found})
         return
@@ -149,12 +147,8 @@ def updates_start(version, board, canary, batch, max_failures, config, as_json):
     """Roll release VERSION out to every device of its board, canaries first."""
     from hub import updates as lib
 
-    _, store = _store(config)
-    try:
-        made = lib.start_rollout(store, version, board, canary=canary, batch=batch,
-                                 max_failures=max_failures)
-    finally:
-        store.close()
+    made = _with_store(config, lambda _, store: lib.start_rollout(
+        store, version, board, canary=canary, batch=batch, max_failures=max_failures))
     if as_json:
         made.pop("device_list", None)
         _echo_json(made)
@@ -172,11 +166,8 @@ def updates_show(rid, config, as_json):
     """One rollout: every device's state, download progress and failure reason."""
     from hub import updates as lib
 
-    settings, store = _store(config)
-    try:
-        found = lib.rollout(store, rid, offline_after_s=settings.dashboard.offline_after_s)
-    finally:
-        store.close()
+    found = _with_store(config, lambda settings, store: lib.rollout(
+        store, rid, offline_after_s=settings.dashboard.offline_after_s))
     if as_json:
         _echo_json(found)
         return
@@ -202,11 +193,7 @@ def _change(name, func_name, doc):
     def command(rid, config, as_json):
         from hub import updates as lib
 
-        _, store = _store(config)
-        try:
-            found = getattr(lib, func_name)(store, rid)
-        finally:
-            store.close()
+        found = _with_store(config, lambda _, store: getattr(lib, func_name)(store, rid))
         if as_json:
             found.pop("device_list", None)
             _echo_json(found)

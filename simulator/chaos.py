@@ -485,20 +485,11 @@ async def _chaos(opts: Options, copts: ChaosOptions, workdir: str, say: Callable
             finally:
                 chaos.resume()
 
-        while not serving.done():
-            await asyncio.sleep(0.5)
-            hall.check_services()
+        async def forge_once():
             if opts.forged and not forgeries.sent and len(_victim(fleet)[1]) >= 2:
                 await forge()
-            await province.poll()
-            show("citizens")
-            if time.monotonic() > deadline:
-                serving.cancel()
-                break
-        try:
-            await serving
-        except asyncio.CancelledError:
-            pass
+
+        await session.serve_out(serving, deadline, show, forge_once)
         show("healing")
         await chaos.finish(runner)
         runner = None

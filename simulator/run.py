@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -539,6 +539,27 @@ class Session:
             None, inject_forgeries, self.hall.settings, self.hall.provisioned,
             *_victim(self.fleet), rng)
 
+    async def serve_out(self, serving: asyncio.Future, deadline: float,
+                        show: Callable[[str], None],
+                        each: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Until the citizens' visits (`serving`) are over, or the deadline passed (then the
+        rest are cancelled): every half second the services are checked, `each()` runs,
+        the province is polled and progress shown."""
+        while not serving.done():
+            await asyncio.sleep(0.5)
+            self.hall.check_services()
+            if each is not None:
+                await each()
+            await self.province.poll()
+            show("citizens")
+            if time.monotonic() > deadline:
+                serving.cancel()
+                break
+        try:
+            await serving
+        except asyncio.CancelledError:
+            pass
+
     async def drain(self, deadline: float, show: Callable[[str], None]) -> None:
         """Until the province holds every durable record (or the deadline passes), then a
         moment more: anything forged or doubled would arrive with the last batches."""
@@ -611,20 +632,12 @@ async def _run(opts: Options, workdir: str, say: Callable[[str], None], live: Li
         def show(phase):
             live.show(session.progress(citizens, phase, opts.votes))
 
-        while not serving.done():
-            await asyncio.sleep(0.5)
-            hall.check_services()
+        async def forge_once():
+            nonlocal forgeries
             if opts.forged and not forgeries.sent and len(_victim(fleet)[1]) >= 2:
                 forgeries = await session.forge(rng)
-            await province.poll()
-            show("citizens")
-            if time.monotonic() > deadline:
-                serving.cancel()
-                break
-        try:
-            await serving
-        except asyncio.CancelledError:
-            pass
+
+        await session.serve_out(serving, deadline, show, forge_once)
         if opts.forged and not forgeries.sent:
             forgeries = await session.forge(rng)
         # Everything durable on a device must reach the province.

@@ -275,18 +275,7 @@ async def _update(opts: Options, uopts: UpdateOptions, workdir: str,
         phases.append(good)
         await driver.settle()
         say("rollouts over; the citizens finish their visits")
-        while not serving.done():
-            await asyncio.sleep(0.5)
-            hall.check_services()
-            await province.poll()
-            show("citizens")
-            if time.monotonic() > deadline:
-                serving.cancel()
-                break
-        try:
-            await serving
-        except asyncio.CancelledError:
-            pass
+        await session.serve_out(serving, deadline, show)
         serving = None
         await session.drain(deadline, show)
         pstats, hub_status = await session.gather_counters()

@@ -107,15 +107,16 @@ def device_config(port):
             "window": WINDOW}
 
 
-def run(mosquitto, scenario, flash=None):
-    """Boot one device against mosquitto + FakeHub and run `scenario(fleet, dev, hub)`."""
-    hub = FakeHub(mosquitto.port, {DEVICE: KEY})
+def run(mosquitto, scenario, flash=None, hub_class=None, heap=HEAP, ota=None):
+    """Boot one device against mosquitto + FakeHub (or `hub_class`) and run
+    `scenario(fleet, dev, hub)`; `flash` and `ota` go to Fleet.add."""
+    hub = (hub_class or FakeHub)(mosquitto.port, {DEVICE: KEY})
     tmp = tempfile.mkdtemp(prefix="pj-app-")
 
     async def main():
-        fleet = Fleet(tmp, heap=HEAP)
+        fleet = Fleet(tmp, heap=heap)
         await fleet.start()
-        fleet.add(DEVICE, device_config(mosquitto.port), flash=flash)
+        fleet.add(DEVICE, device_config(mosquitto.port), flash=flash, ota=ota)
         try:
             await fleet.spawn(DEVICE)
             dev = fleet.devices[DEVICE]
@@ -430,6 +431,24 @@ def test_a_catalogue_bigger_than_the_receive_buffer_reaches_the_screen_from_flas
     run(mosquitto, scenario)
 
 
+async def good_vote(fleet, dev, hub, pid, item, think_s):
+    """A prompt with `item` as its bitmap, shown, then 5 stars after `think_s`; waits until
+    the vote is saved."""
+    await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
+    hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
+                                "item": item, "ttl": 60, "t": int(time.time())})
+    try:
+        await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
+    except Exception:
+        print("no offer:", await fleet.stats(DEVICE))
+        raise
+    assert dev.offers[pid] == "shown", (dev.offers, await fleet.stats(DEVICE))
+    await asyncio.sleep(think_s)
+    await fleet.press(DEVICE, 5)
+    await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
+                         "saved " + pid)
+
+
 async def vote_with_reason(fleet, dev, hub, ttl=60):
     """A bad rating: 2 stars, the first reason chosen, submitted; returns the saved record."""
     await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
@@ -462,20 +481,7 @@ def test_the_app_stays_within_its_64k_heap_through_downlinks_and_votes(mosquitto
         hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": name, "win": win,
                                  "t": int(time.time())}, retain=True)
         for i in range(3):
-            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
-            pid = "PM%d" % i
-            hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
-                                        "item": item, "ttl": 60, "t": int(time.time())})
-            try:
-                await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
-            except Exception:
-                print("no offer:", await fleet.stats(DEVICE))
-                raise
-            assert dev.offers[pid] == "shown", (dev.offers, await fleet.stats(DEVICE))
-            await asyncio.sleep(0.6)
-            await fleet.press(DEVICE, 5)
-            await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15,
-                                 "saved " + pid)
+            await good_vote(fleet, dev, hub, "PM%d" % i, item, 0.6)
             await vote_with_reason(fleet, dev, hub)
         await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 6, 15, "six votes at the hub")
         stats = await fleet.stats(DEVICE)

@@ -16,8 +16,9 @@ import time
 import pytest
 
 from simulator import build as fwbuild
-from simulator.fleet import DEFAULT_HEAP, Fleet
-from test_app import DEVICE, HEAP, KEY, WINDOW, FakeHub, device_config
+from simulator.fleet import DEFAULT_HEAP
+from test_app import DEVICE, HEAP, WINDOW, FakeHub
+from test_app import run as app_run
 
 OLD = "0.1.0"  # what the sources say today: every fresh unit runs it
 CHUNK = 1024
@@ -91,35 +92,13 @@ class OtaHub(FakeHub):
 
 
 def run_device(mosquitto, scenario, confirm_s=None, heap=DEFAULT_HEAP):
-    hub = OtaHub(mosquitto.port, {DEVICE: KEY})
-    tmp = tempfile.mkdtemp(prefix="pj-ota-")
+    """test_app's run() with the OtaHub, starting from a unit on OLD."""
+    async def from_old(fleet, dev, hub):
+        assert dev.fw == OLD
+        await scenario(fleet, dev, hub)
 
-    async def main():
-        fleet = Fleet(tmp, heap=heap)
-        await fleet.start()
-        fleet.add(DEVICE, device_config(mosquitto.port),
-                  ota={"ttl": confirm_s} if confirm_s else None)
-        dev = fleet.devices[DEVICE]
-        try:
-            await fleet.spawn(DEVICE)
-            await fleet.wait_for(lambda: dev.connected, 30, "device connected")
-            hub.send(DEVICE, "ctx", {"w": WINDOW, "sn": "10234", "name": None, "win": None,
-                                     "t": int(time.time())}, retain=True)
-            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
-            assert dev.fw == OLD
-            await scenario(fleet, dev, hub)
-            assert not fleet.crashed(), fleet.log_tail(DEVICE)
-        except BaseException:
-            print(fleet.log_tail(DEVICE, 40))
-            raise
-        finally:
-            await fleet.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        hub.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    app_run(mosquitto, from_old, hub_class=OtaHub, heap=heap,
+            ota={"ttl": confirm_s} if confirm_s else None)
 
 
 def flash_json(dev, name):
@@ -447,7 +426,8 @@ def test_esp32s3_slot_hooks_write_rom_segments_through_rom_ioctl(micropython, tm
 def test_a_download_in_progress_leaves_the_heap_room_for_the_heaviest_vote(mosquitto, images):
     """The 64 KB budget with the updater loaded and a download half done: a catalogue on
     flash, a context with bitmaps, prompts with the largest item, bad ratings with reasons."""
-    from test_app import (CATALOGUE, LIVE_MAX_BYTES, pattern, publish_raw, vote_with_reason,
+    from test_app import (CATALOGUE, LIVE_MAX_BYTES, good_vote, pattern, publish_raw,
+                          vote_with_reason,
                           wire_bitmap)
 
     version, image = images["0.2.0"]
@@ -462,19 +442,7 @@ def test_a_download_in_progress_leaves_the_heap_room_for_the_heaviest_vote(mosqu
         await fleet.wait_for(lambda: len(hub.got("get")) >= 24, 30, "half the image")
         item = wire_bitmap(pattern(3, 256, 32))
         for i in range(2):
-            await fleet.wait_for(lambda: dev.state == "IDLE", 15, "IDLE")
-            pid = "PH%d" % i
-            hub.send(DEVICE, "prompt", {"pid": pid, "case": "C-" + pid, "kind": "ji", "n": 1,
-                                        "item": item, "ttl": 60, "t": int(time.time())})
-            try:
-                await fleet.wait_for(lambda: dev.offers.get(pid), 15, pid)
-            except Exception:
-                print("no offer:", await fleet.stats(DEVICE))
-                raise
-            assert dev.offers[pid] == "shown"
-            await asyncio.sleep(0.5)
-            await fleet.press(DEVICE, 5)
-            await fleet.wait_for(lambda: [s for s in dev.saved.values() if s.pid == pid], 15, pid)
+            await good_vote(fleet, dev, hub, "PH%d" % i, item, 0.5)
             await vote_with_reason(fleet, dev, hub)
         await fleet.wait_for(lambda: hub.contiguous(DEVICE) == 4, 15, "four votes at the hub")
         stats = await fleet.stats(DEVICE)
