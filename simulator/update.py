@@ -158,7 +158,11 @@ class Driver:
                     cut_devices.add(device_id)
                     phase.cuts.append((device_id, "install", d.get("off")))
                     pending.append(asyncio.ensure_future(self._power_cycle(device_id)))
-            if view["state"] in until:
+            # A halt stops new offers, but a canary already installing carries on and
+            # reports how its trial went: follow until nobody is in flight.
+            if view["state"] in until and not any(
+                    d["state"] in ("offered", "downloading", "installing")
+                    for d in view["device_list"]):
                 break
             if time.monotonic() > deadline:
                 raise UpdateError("rollout %s of %s still %s after %.0f s: %s" % (
