@@ -689,6 +689,9 @@ def test_votes_cross_a_noisy_cable_exactly_once(tmp_path):
         device = DeviceProcess(config_path, cable.device_path, str(tmp_path / "journal"),
                                str(tmp_path / "device.log"))
         bridge = BridgeProcess(cable.bridge_path, bridge_config, str(tmp_path / "bridge.log"))
+        # The hub must have the birth too: it refuses a prompt for a device it never saw.
+        wait_for(lambda: hall.online(DEVICE), timeout=30,
+                 what="the device's birth through the bridge")
         wait_for(lambda: device.state() == "IDLE", timeout=30, what="the device at rest")
         cable.noise = 1 / 1500.0  # about one frame in four of a prompt's size is damaged
         for i in range(5):
